@@ -1,0 +1,247 @@
+"""Adapter files in peft's on-disk format, both directions.
+
+adapter_config.json holds peft's LoraConfig fields; adapter_model.safetensors holds, per wrapped
+module `name`, `base_model.model.{name}.lora_A.weight` (r, in) and `...lora_B.weight` (out, r).
+
+Two traps in peft's loader shape what we write: it drops tensors of modules its config's
+`target_modules` does not select, and ignores keys without the `base_model.model.` prefix. So the
+written config selects exactly the modules in the file, and every key carries the prefix.
+On load the weights file is the truth: rank from the tensor shapes, targets from the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minilora.config import match_pattern_key
+from minilora.inject import freeze_base, layer_index, lora_layers, replace_module
+from minilora.lora import LoRALinear
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """Write to a temp file beside `path`; the caller renames it into place with os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _peft_config(
+    model: nn.Module, layers: dict[str, LoRALinear], base_model_name_or_path: str | None
+) -> dict:
+    names = list(layers)
+    ranks = Counter(m.r for m in layers.values())
+    alphas = Counter(m.alpha for m in layers.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    rank_pattern = {re.escape(n): m.r for n, m in layers.items() if m.r != r}
+    alpha_pattern = {re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha}
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("peft's format has one use_rslora flag; these adapters mix rslora and plain scaling")
+    # The short form peft itself writes (leaf names + layer indices) where it selects exactly these
+    # modules; else one regex that fullmatches exactly their names.
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    indices = sorted({layer_index(n) for n in names}, key=lambda i: -1 if i is None else i)
+    all_linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    by_leaves = {n for n in all_linear if n.rsplit(".", 1)[-1] in leaves}
+    by_layers = {n for n in by_leaves if layer_index(n) in indices}
+    if by_leaves == set(names):
+        target_modules, layers_to_transform = leaves, None
+    elif None not in indices and by_layers == set(names):
+        target_modules, layers_to_transform = leaves, indices
+    else:
+        target_modules, layers_to_transform = "(" + "|".join(re.escape(n) for n in names) + ")", None
+    dropouts = {m.dropout_p for m in layers.values()}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "use_rslora": rslora.pop(),
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+        "library": "minilora",
+    }
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`.
+    Both files are written to temp files first and renamed into place, so a failed save leaves
+    whatever was there before intact."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA layers to save; call minilora.inject(model, config) first")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None)
+    config = _peft_config(model, layers, base_model_name_or_path)
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_tmp = _write_atomic(
+        out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
+    )
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        config_tmp = _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except BaseException:
+        os.unlink(weights_tmp)
+        raise
+    os.replace(weights_tmp, out / WEIGHTS_NAME)
+    os.replace(config_tmp, out / CONFIG_NAME)
+    return out
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config dict, {module name: {"lora_A": (r, in), "lora_B": (out, r)}}) from an adapter folder."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    config_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: not an adapter folder (peft or minilora)")
+    if not weights_path.is_file():
+        hint = (
+            " (found adapter_model.bin: convert it to safetensors)"
+            if (d / "adapter_model.bin").exists()
+            else ""
+        )
+        raise FileNotFoundError(f"{weights_path} is missing{hint}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"{config_path}: DoRA adapters (use_dora=true) are not supported yet")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{config_path}: fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"could not read {weights_path} (truncated or corrupted?): {e}") from None
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key.removeprefix(PREFIX))
+        if m is None:
+            raise ValueError(
+                f"{weights_path}: key {key!r} is not a LoRA linear weight (lora_A/lora_B); embedding LoRA, "
+                "DoRA magnitudes and modules_to_save are not supported yet"
+            )
+        modules.setdefault(m["module"], {})[m["which"]] = value
+    for name, pair in modules.items():
+        if len(pair) != 2:
+            raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
+        if pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
+            raise ValueError(
+                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
+                f"{tuple(pair['lora_B'].shape)} disagree on the rank"
+            )
+    return config, modules
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    adapter_dtype: torch.dtype | None = torch.float32,
+    trainable: bool = False,
+) -> list[str]:
+    """Load an adapter written by minilora or peft into `model`; returns the adapted module names.
+    Modules not yet wrapped are wrapped (rank from the weights, alpha and rslora from the config);
+    wrapped ones get their weights replaced. With trainable=False the whole model is frozen."""
+    config, modules = read_adapter(adapter_dir)
+    use_rslora = bool(config.get("use_rslora", False))
+    alpha_default = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    present = dict(model.named_modules())
+    missing = [n for n in modules if n not in present]
+    if missing:
+        raise ValueError(
+            f"adapter in {adapter_dir} has weights for module(s) this model does not have: {', '.join(missing[:5])}"
+            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        if unused:
+            log.warning(
+                "adapter config lists target_modules with no weights in the file (ignored): %s", unused
+            )
+    # Check every shape before touching the model.
+    for name, pair in modules.items():
+        module = present[name]
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise ValueError(f"adapter targets {name}, which is a {type(module).__name__}, not an nn.Linear")
+        r = pair["lora_A"].shape[0]
+        expect = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
+        if isinstance(module, LoRALinear):
+            expect = {"lora_A": tuple(module.lora_A.shape), "lora_B": tuple(module.lora_B.shape)}
+        for which, tensor in pair.items():
+            if tuple(tensor.shape) != expect[which]:
+                raise ValueError(
+                    f"{PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)} but the model needs "
+                    f"{expect[which]} for {name}"
+                )
+    with torch.no_grad():
+        for name, pair in modules.items():
+            module = present[name]
+            alpha = float(alpha_pattern.get(match_pattern_key(alpha_pattern, name), alpha_default))
+            if not isinstance(module, LoRALinear):
+                module = LoRALinear(
+                    module, r=pair["lora_A"].shape[0], alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                    use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                )  # fmt: skip
+                replace_module(model, name, module)
+            was_merged = module.merged
+            module.unmerge()
+            module.set_scaling(alpha, use_rslora)
+            module.lora_A.copy_(pair["lora_A"])
+            module.lora_B.copy_(pair["lora_B"])
+            if was_merged:
+                module.merge()
+    if trainable:
+        freeze_base(model)
+    else:
+        model.requires_grad_(False)
+    return list(modules)

