@@ -1,12 +1,14 @@
 """minilora: LoRA for PyTorch and the Gemma family, written from scratch."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="minilora",
     version="0.1.0",
     description="A small, fast LoRA library for PyTorch and the Gemma family (peft-compatible adapters).",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ stays a top-level folder of the repository but installs as minilora.kernels:

@@ -8,14 +8,6 @@ minilora.merge(model); minilora.unmerge(model); with minilora.disabled(model): .
 
 import os as _os
 
-# kernels/ is a top-level folder of the repository that installs as minilora.kernels (setup.py).
-# In a source checkout used without installing (PYTHONPATH=.), find it there as well.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "kernels", "lora_linear.py")) and _os.path.isfile(
-    _os.path.join(_root, "setup.py")
-):
-    __path__.append(_root)  # noqa: F821 - the package's own search path
-
 from minilora.adapter import load_adapter, read_adapter, save_adapter
 from minilora.config import LoRAConfig
 from minilora.inject import (
@@ -49,3 +41,11 @@ __all__ = [
     "set_backend",
     "unmerge",
 ]
+
+# kernels/ is a top-level folder of the repository that installs as minilora.kernels (setup.py).
+# In a source checkout used without installing (PYTHONPATH=.), find it there as well.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "kernels", "lora_linear.py")) and _os.path.isfile(
+    _os.path.join(_root, "setup.py")
+):
+    __path__.append(_root)  # noqa: F821 - the package's own search path

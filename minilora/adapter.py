@@ -197,9 +197,10 @@ def load_adapter(
     present = dict(model.named_modules())
     missing = [n for n in modules if n not in present]
     if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(
-            f"adapter in {adapter_dir} has weights for module(s) this model does not have: {', '.join(missing[:5])}"
-            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            f"adapter in {adapter_dir} has weights for module(s) this model does not have: "
+            f"{', '.join(missing[:5])}{more}"
         )
     targets = config.get("target_modules")
     if isinstance(targets, list):
@@ -228,10 +229,16 @@ def load_adapter(
             module = present[name]
             alpha = float(alpha_pattern.get(match_pattern_key(alpha_pattern, name), alpha_default))
             if not isinstance(module, LoRALinear):
+                dropout = float(config.get("lora_dropout", 0.0))
+                r = pair["lora_A"].shape[0]
                 module = LoRALinear(
-                    module, r=pair["lora_A"].shape[0], alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                    use_rslora=use_rslora, adapter_dtype=adapter_dtype,
-                )  # fmt: skip
+                    module,
+                    r=r,
+                    alpha=alpha,
+                    dropout=dropout,
+                    use_rslora=use_rslora,
+                    adapter_dtype=adapter_dtype,
+                )
                 replace_module(model, name, module)
             was_merged = module.merged
             module.unmerge()

@@ -94,7 +94,8 @@ class LoRAConfig:
 
 
 def match_pattern_key(patterns: dict, name: str) -> str | None:
-    """peft's rank_pattern rule: the first key that, as a regex, matches the end of `name` on a dot boundary."""
+    """peft's rank_pattern rule: the first key that, as a regex, matches the end of `name` on a dot
+    boundary."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
