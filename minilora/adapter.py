@@ -95,7 +95,6 @@ def _peft_config(
         "modules_to_save": None,
         "inference_mode": True,
         "revision": None,
-        "library": "minilora",
     }
 
 

@@ -144,9 +144,14 @@ def inject(
     for name in names:
         r, alpha = config.rank_and_alpha(name)
         layer = LoRALinear(
-            model.get_submodule(name), r=r, alpha=alpha, dropout=config.dropout,
-            use_rslora=config.use_rslora, init=config.init, adapter_dtype=adapter_dtype,
-        )  # fmt: skip
+            model.get_submodule(name),
+            r=r,
+            alpha=alpha,
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            init=config.init,
+            adapter_dtype=adapter_dtype,
+        )
         replace_module(model, name, layer)
     freeze_base(model)
     return names
@@ -206,6 +211,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer is not None and leaf in ("lora_A", "lora_B"):
             continue
         if layer is not None and leaf == "weight" and not layer.merged:
-            value = (value.float() + layer.delta_weight()).to(value.dtype)
+            delta = layer.delta_weight()
+            value = (value.to(delta.dtype) + delta).to(value.dtype)
         out[key] = value
     return out

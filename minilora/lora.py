@@ -125,8 +125,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """dW = scaling * B @ A in float32, shape (out, in): the one source of the update."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        """dW = scaling * B @ A in float32 (float64 for float64 adapters), shape (out, in): the one
+        source of the update."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -137,7 +139,7 @@ class LoRALinear(nn.Module):
         if not torch.isfinite(delta).all():
             raise ValueError("LoRA update has NaN/Inf values; refusing to merge it into the base weight")
         self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()

@@ -1,0 +1,20 @@
+"""The README's demo command runs and shows the whole LoRA life cycle working."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lora_demo_runs():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "lora_demo.py")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    before, after = map(float, re.search(r"mse ([\d.]+) -> ([\d.]+)", out.stdout).groups())
+    assert after < 0.2 * before
+    reloaded = float(re.search(r"reloaded: mse ([\d.]+)", out.stdout).group(1))
+    assert abs(reloaded - after) < 1e-4
+    assert "restored bit for bit: True" in out.stdout
