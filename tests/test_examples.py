@@ -18,3 +18,12 @@ def test_lora_demo_runs():
     reloaded = float(re.search(r"reloaded: mse ([\d.]+)", out.stdout).group(1))
     assert abs(reloaded - after) < 1e-4
     assert "restored bit for bit: True" in out.stdout
+
+
+def test_readme_usage_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README.md has no python usage example"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
