@@ -1,0 +1,468 @@
+"""minilora.gemma against Hugging Face transformers (the test-only oracle) on tiny random checkpoints:
+logits, loss, parameter counts, config dialects, strict loading, gradient checkpointing."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import minilora as ml
+from minilora import gemma
+from minilora.inject import lora_layers
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = os.environ.get(
+    "MINILORA_CONFIGS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs")
+)
+needs_configs = pytest.mark.skipif(not os.path.isdir(CONFIGS), reason=f"real Gemma configs not at {CONFIGS}")
+VOCAB = 300
+TINY = dict(hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128, vocab_size=VOCAB)
+# name -> (config class, model class, tiny settings covering the generation's layer pattern)
+KINDS = {
+    "gemma1-mha": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2, num_key_value_heads=4)),
+    "gemma1-mqa": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2, num_key_value_heads=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=4, num_key_value_heads=2, sliding_window=5)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=7, num_key_value_heads=2, sliding_window=5)),
+    "gemma3-linear8": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        dict(num_hidden_layers=7, num_key_value_heads=1, sliding_window=5,
+             rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    ),
+}  # fmt: skip
+
+
+def hf_tiny(kind: str, seed: int = 0, **overrides):
+    """A tiny random transformers model of `kind`. Every parameter is random (norm weights too, so
+    the (1 + w) offsets and q/k norms are exercised), and eager attention is the reference."""
+    config_cls, model_cls, settings = KINDS[kind]
+    config = getattr(transformers, config_cls)(
+        **{**TINY, **settings, **overrides}, attn_implementation="eager"
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2 if "norm" in name else 0.05)
+    return model
+
+
+def checkpoint(tmp_path, kind: str, name: str = "ckpt", **save_kwargs):
+    model = hf_tiny(kind)
+    path = tmp_path / name
+    model.save_pretrained(path, **save_kwargs)
+    return model, path
+
+
+def real_config(name: str) -> dict:
+    with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ids_for(B=2, T=13, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_float32_logits_match_transformers(tmp_path, kind):
+    hf, path = checkpoint(tmp_path, kind)
+    model = gemma.from_pretrained(path)
+    ids = ids_for(T=13)  # 13 > sliding window 5: the window actually cuts
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = model(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 13, VOCAB)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    hf, single = checkpoint(tmp_path, "gemma3", "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    a, b = gemma.from_pretrained(single), gemma.from_pretrained(tmp_path / "sharded")
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids_for()), hf(ids_for()).logits, atol=1e-4, rtol=0)
+
+
+def test_state_dict_keys_are_the_checkpoint_keys(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma3")
+    model = gemma.from_pretrained(path)
+    assert set(model.state_dict()) == set(load_file(path / "model.safetensors"))
+    assert not hasattr(model, "lm_head")
+    assert model.name_or_path == str(path) and model.config.model_type == "gemma3_text"
+
+
+@pytest.mark.parametrize("kind", ["gemma1-mqa", "gemma2", "gemma3"])
+def test_bfloat16_logits_match_transformers(tmp_path, kind):
+    # Both implementations round the same float32 math to bf16 (8-bit mantissa) after every op,
+    # but in different orders (SDPA vs matmul-then-scale, fused vs separate products), so they
+    # cannot agree bit for bit. The bound: ours is no further from the float32 result, and no
+    # further from transformers' bf16, than twice transformers' own bf16 error. Measured here:
+    # ratios 0.5 to 1.5, errors 0.01 to 0.04 on logits of magnitude 1.5 to 4.
+    hf, path = checkpoint(tmp_path, kind)
+    ids = ids_for(T=12)
+    with torch.no_grad():
+        reference = hf(ids).logits.float()
+        theirs = hf.to(torch.bfloat16)(ids).logits.float()
+        ours = gemma.from_pretrained(path, dtype=torch.bfloat16)(ids)
+    their_error = (theirs - reference).abs().max()
+    assert 0 < their_error < 0.1
+    assert (ours - reference).abs().max() <= 2 * their_error
+    assert (ours - theirs).abs().max() <= 2 * their_error
+
+
+# --------------------------------------------------------------------------------------------
+# Config dialects
+
+
+def test_transformers4_dialect_gives_the_same_model(tmp_path):
+    hf, path = checkpoint(tmp_path, "gemma3-linear8")
+    v5 = json.loads((path / "config.json").read_text())
+    assert "rope_parameters" in v5 and "layer_types" in v5
+    old = tmp_path / "v4"
+    shutil.copytree(path, old)
+    v4 = {
+        k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types", "_sliding_window_pattern")
+    }
+    v4.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=6,
+              rope_scaling={"rope_type": "linear", "factor": 8.0})  # fmt: skip
+    (old / "config.json").write_text(json.dumps(v4))
+    a, b = gemma.from_pretrained(path), gemma.from_pretrained(old)
+    assert a.config == b.config
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids_for()), hf(ids_for()).logits, atol=1e-4, rtol=0)
+
+
+@needs_configs
+def test_rope_scaling_applies_to_full_layers_only():
+    c = gemma.GemmaConfig.from_json(os.path.join(CONFIGS, "gemma-3-270m.json"))
+    assert (c.rope_theta, c.rope_local_base_freq) == (1_000_000.0, 10_000.0)
+    assert (c.rope_scaling_factor, c.rope_local_scaling_factor) == (1.0, 1.0)
+    hf = real_config("gemma-3-270m.json")
+    c = gemma.GemmaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (c.rope_scaling_factor, c.rope_local_scaling_factor) == (8.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "name, sliding, expected",
+    [
+        ("gemma-7b.json", None, dict(qk_norm=False, sandwich_norms=False, query_pre_attn_scalar=256)),
+        ("gemma-2-9b.json", 4096,
+         dict(sandwich_norms=True, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+        ("gemma-3-1b-it.json", 512, dict(qk_norm=True, sandwich_norms=True, eos_token_id=(1, 106))),
+    ],
+)  # fmt: skip
+@needs_configs
+def test_real_configs(name, sliding, expected):
+    c = gemma.GemmaConfig.from_json(os.path.join(CONFIGS, name))
+    assert c.sliding_window == sliding
+    for key, value in expected.items():
+        assert getattr(c, key) == value, key
+    n = c.num_hidden_layers
+    pattern = {
+        "gemma": [False] * n,
+        "gemma2": [i % 2 == 0 for i in range(n)],
+        "gemma3_text": [(i + 1) % 6 != 0 for i in range(n)],
+    }[c.model_type]
+    assert list(c.sliding_layers) == pattern
+
+
+@needs_configs
+def test_layer_types_decide_which_layers_slide():
+    hf = real_config("gemma-3-270m.json")
+    types = ["full_attention"] * 17 + ["sliding_attention"]
+    c = gemma.GemmaConfig.from_hf({**hf, "layer_types": types})
+    assert c.sliding_layers == (False,) * 17 + (True,)
+
+
+def test_multimodal_gemma3_config_uses_text_config():
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024}  # fmt: skip
+    c = gemma.GemmaConfig.from_hf({"model_type": "gemma3", "text_config": text, "vision_config": {}})
+    # Absent keys take transformers' Gemma3TextConfig defaults, as the hub file relies on.
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (8, 4, 256, 262208)
+    assert (c.rope_theta, c.rope_scaling_factor, c.rope_local_base_freq) == (1e6, 8.0, 1e4)
+    assert c.sliding_layers == tuple((i + 1) % 6 != 0 for i in range(34))
+    defaults = transformers.Gemma3TextConfig()
+    assert (c.vocab_size, c.num_attention_heads) == (defaults.vocab_size, defaults.num_attention_heads)
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
+    hf, path = checkpoint(tmp_path, "gemma3")
+    text_config = json.loads((path / "config.json").read_text())
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text_config}))
+    tensors = {"language_model." + k: v for k, v in load_file(path / "model.safetensors").items()}
+    tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+    tensors["multi_modal_projector.mm_input_projection_weight"] = torch.zeros(4, 64)
+    save_file(tensors, mm / "model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            gemma.from_pretrained(mm)(ids_for()), hf(ids_for()).logits, atol=1e-4, rtol=0
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts on the meta device (DESIGN.md section 5)
+
+COUNTS = {
+    "gemma-7b.json": 8_537_680_896,
+    "codegemma-7b.json": 8_537_680_896,
+    "gemma-2b.json": 2_506_172_416,
+    "gemma-2-9b.json": 9_241_705_984,
+    "gemma-3-1b-it.json": 999_885_952,
+    "gemma-3-270m.json": 268_098_176,
+}
+
+
+def meta_model(tmp_path, name):
+    (tmp_path / name).mkdir()
+    shutil.copy(os.path.join(CONFIGS, name), tmp_path / name / "config.json")
+    return gemma.from_pretrained(tmp_path / name, device="meta")
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+@needs_configs
+def test_parameter_count_on_meta(tmp_path, name):
+    model = meta_model(tmp_path, name)
+    assert all(p.is_meta for p in model.parameters())
+    assert ml.count_parameters(model) == (COUNTS[name], COUNTS[name])
+    # Cross-check with transformers' own model of the same config, also on meta.
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(tmp_path / name)
+        )
+    assert sum(p.numel() for p in ref.parameters()) == COUNTS[name]
+
+
+@pytest.mark.parametrize(
+    "name, r, targets, expected",
+    [
+        ("gemma-3-1b-it.json", 16, ["k_proj", "v_proj"], 1_171_456),
+        ("gemma-3-1b-it.json", 16, ["q_proj", "k_proj", "v_proj", "o_proj"], 2_981_888),
+        ("gemma-3-1b-it.json", 8, ["q_proj", "k_proj", "v_proj", "o_proj"], 1_490_944),
+        ("gemma-7b.json", 4, ["q_proj", "k_proj", "v_proj"], 2_408_448),
+        ("gemma-2-9b.json", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+         54_018_048),
+    ],
+)  # fmt: skip
+@needs_configs
+def test_lora_trainable_counts_on_meta(tmp_path, name, r, targets, expected):
+    model = meta_model(tmp_path, name)
+    names = ml.inject(model, ml.LoRAConfig(r=r, alpha=2 * r, targets=targets))
+    assert len(names) == len(targets) * model.config.num_hidden_layers
+    assert ml.count_parameters(model) == (expected, COUNTS[name] + expected)
+    # The same figure from first principles: r * (in + out) per adapted projection.
+    assert expected == sum(r * (m.in_features + m.out_features) for _, m in lora_layers(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, gradients, padding, gradient checkpointing
+
+
+def test_loss_matches_transformers_with_ignored_labels(tmp_path):
+    hf, path = checkpoint(tmp_path, "gemma2")  # final soft-capping applies in the loss path too
+    model = gemma.from_pretrained(path)
+    ids = ids_for(T=11)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    labels[1, 7:] = -100  # right padding
+    with torch.no_grad():
+        expected = hf(ids, labels=labels).loss
+        got = model(ids, labels)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_loss_without_any_label_is_a_zero_that_backpropagates(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    model = gemma.from_pretrained(path)
+    loss = model(ids_for(), torch.full((2, 13), -100))
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def lora_model(path, dropout=0.0):
+    model = gemma.from_pretrained(path)
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora_B.normal_(0.0, 0.05)  # B = 0 would make every gradient of A zero
+    return model
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_labels_path_gradient_equals_full_logits_path(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma3")
+    model = lora_model(path)
+    ids = ids_for(T=11)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    model(ids, labels).backward()
+    ours = lora_grads(model)
+    model.zero_grad()
+    logits = model(ids)[:, :-1]  # full (B, T-1, vocab) logits, the textbook loss
+    F.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100).backward()
+    full = lora_grads(model)
+    assert set(ours) == set(full) and all(n.endswith(("lora_A", "lora_B")) for n in ours)
+    for name in ours:
+        torch.testing.assert_close(ours[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_right_padding_does_not_change_earlier_positions(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma2")
+    model = gemma.from_pretrained(path)
+    ids = ids_for(B=1, T=9)
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded)[:, :9], model(ids), atol=1e-5, rtol=0)
+    labels = padded.clone()
+    labels[:, 9:] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, labels), model(ids, ids), atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma3")
+    model = lora_model(path, dropout=0.1)  # dropout: the recomputation must replay the same masks
+    model.train()
+    ids = ids_for(T=11)
+    torch.manual_seed(3)
+    plain = model(ids, ids)
+    plain.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    torch.manual_seed(3)
+    recomputed = model(ids, ids)
+    recomputed.backward()
+    torch.testing.assert_close(recomputed, plain, atol=0, rtol=0)
+    got = lora_grads(model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-7, rtol=1e-5, msg=name)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("kind", ["gemma1-mqa", "gemma2", "gemma3"])
+def test_kv_cache_equals_full_recompute_and_trims_sliding_layers(tmp_path, kind):
+    _, path = checkpoint(tmp_path, kind)
+    model = gemma.from_pretrained(path)
+    ids = ids_for(B=2, T=15)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        # prefill longer than the window, then a chunk of 3, then one token at a time
+        steps = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(10, 15)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.seen == 15
+    window = model.config.sliding_window
+    for i, sliding in enumerate(model.config.sliding_layers):
+        assert cache.stored(i) == (window - 1 if sliding else 15)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gemma.from_pretrained(tmp_path / "nope")
+
+
+def test_no_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        gemma.from_pretrained(tmp_path)
+
+
+def test_no_weights(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    os.remove(path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no weights in .*model.safetensors"):
+        gemma.from_pretrained(path)
+    assert gemma.from_pretrained(path, device="meta").config.num_hidden_layers == 2
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not a Gemma text model"):
+        gemma.from_pretrained(tmp_path)
+
+
+def test_unsupported_rope_type():
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        gemma.GemmaConfig.from_hf(
+            {"model_type": "gemma", "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+        )
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma3")
+    rewrite_weights(path, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(
+        ValueError, match=r"missing tensors \(1\): \['model.layers.1.self_attn.k_norm.weight'\]"
+    ):
+        gemma.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    rewrite_weights(path, lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \(1\): \['model.layers.0.mlp.extra.weight'\]"):
+        gemma.from_pretrained(path)
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    rewrite_weights(path, lambda t: t.update({"model.norm.weight": torch.zeros(65)}))
+    with pytest.raises(
+        ValueError, match=r"model.norm.weight: checkpoint shape \(65,\), model expects \(64,\)"
+    ):
+        gemma.from_pretrained(path)
+
+
+def test_stored_lm_head_must_equal_the_embedding(tmp_path):
+    hf, path = checkpoint(tmp_path, "gemma1-mqa")
+    embedding = hf.model.embed_tokens.weight.detach().clone()
+    rewrite_weights(path, lambda t: t.update({"lm_head.weight": embedding.clone()}))
+    gemma.from_pretrained(path)  # a tied copy is accepted
+    rewrite_weights(path, lambda t: t.update({"lm_head.weight": embedding + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        gemma.from_pretrained(path)
+
+
+def test_dtype_and_device_choices(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    assert gemma.from_pretrained(path).model.embed_tokens.weight.dtype == torch.float32  # auto on CPU
+    model = gemma.from_pretrained(path, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        gemma.from_pretrained(path, dtype="float8")
