@@ -1,0 +1,395 @@
+"""Supervised fine-tuning data: JSON lines -> token ids + labels (prompt masked) -> padded batches.
+
+Formats (one JSON object per line; "auto" picks the format from the first record's fields):
+
+    text               {"text": ...}                                  every token is learned
+    prompt_completion  {"prompt": ..., "completion": ...}
+    alpaca             {"instruction": ..., "input": ..., "output": ...}  (Stanford Alpaca's prompt)
+    chat               {"messages": [{"role": ..., "content": ...}, ...]}  (Gemma's chat template)
+    template           any fields, rendered by a user template such as
+                       "### context: {input}\\n### question: {target}"
+
+Template rule: the LAST placeholder is the completion (with whatever literal text follows it); the
+text before it, with the other fields filled in, is the prompt. Write literal braces as {{ and }}.
+
+A record becomes segments of text, each marked prompt or completion. Each segment is tokenized on
+its own and the ids concatenated: [bos] + prompt ids + completion ids + [eos]. That is exactly the
+split the model sees at generation time (the prompt is encoded alone, the reply is generated), so
+no token straddles the prompt/completion boundary. Labels are the ids on completion segments and
+-100 (ignored by the loss) on prompt segments; `<eos>` (`<end_of_turn>` after each model turn of a
+chat) is appended to completions so the model learns to stop. Labels are aligned with the inputs;
+the model shifts them inside (as Hugging Face models do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import string
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a position that carries no loss
+
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "chat", "template")
+# The fields each format needs (alpaca's "input" may be missing or empty).
+REQUIRED = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+}
+
+# Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# Gemma turns: "<start_of_turn>{role}\n{content}<end_of_turn>\n"; the assistant's role is "model".
+ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+
+Segment = tuple[str, bool]  # (text, is_completion)
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file; blank lines are skipped. Errors name the file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
+                )
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records: the dataset is empty")
+    return records
+
+
+def template_fields(template: str) -> list[str]:
+    """Placeholder names of a template in order; the last one is the completion."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ValueError(
+            f"template {template!r} is malformed ({e}); write literal braces as {{{{ and }}}}"
+        ) from None
+    if not names:
+        raise ValueError(
+            f"template {template!r} has no {{field}} placeholder; the last one names the completion"
+        )
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ValueError(f"template placeholders must be plain field names, got {bad}")
+    return names
+
+
+def detect_format(record: dict, template: str | None = None) -> str:
+    if template is not None:
+        return "template"
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise ValueError(
+        f"cannot tell the format of a record with fields {sorted(record)}; expected one of "
+        '{"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages"}, '
+        "or pass a template naming the fields"
+    )
+
+
+# -----------------------------------------------------------------------------
+# records -> segments
+
+
+def segments(record: dict, fmt: str, template: str | None = None) -> list[Segment]:
+    """A record as [(text, is_completion), ...]; raises KeyError naming a missing field."""
+
+    def need(name: str):
+        if name not in record:
+            raise KeyError(name)
+        return record[name]
+
+    if fmt == "text":
+        return [(str(need("text")), True)]
+    if fmt == "prompt_completion":
+        return [(str(need("prompt")), False), (str(need("completion")), True)]
+    if fmt == "alpaca":
+        instruction, output, inp = need("instruction"), need("output"), record.get("input") or ""
+        prompt = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
+        return [(prompt.format(instruction=instruction, input=inp), False), (str(output), True)]
+    if fmt == "chat":
+        return _chat_segments(need("messages"))
+    if fmt == "template":
+        if template is None:
+            raise ValueError(
+                "format='template' needs a template, e.g. '### context: {input}\\n### answer: {target}'"
+            )
+        *prompt_fields, target = template_fields(template)
+        values = {name: str(need(name)) for name in [*prompt_fields, target]}
+        # Split the template at its last placeholder: before it is the prompt, from it on the completion.
+        cut = template.rfind("{" + target)
+        prompt = template[:cut].format(**values)
+        completion = template[cut:].format(**values)
+        return [(prompt, False), (completion, True)]
+    raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+
+
+def _chat_segments(messages) -> list[Segment]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown chat role {m['role']!r}; expected one of {sorted(ROLES)}")
+    # Gemma has no system turn: the system text is put before the first user message (as its chat
+    # template does).
+    msgs = [dict(role=ROLES[m["role"]], content=str(m["content"])) for m in messages]
+    if msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]
+        if not msgs or msgs[0]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        msgs[0]["content"] = system + "\n\n" + msgs[0]["content"]
+    out: list[Segment] = []
+    for m in msgs:
+        learned = m["role"] == "model"
+        out.append((f"<start_of_turn>{m['role']}\n", False))
+        out.append((m["content"] + "<end_of_turn>", learned))
+        out.append(("\n", False))
+    if not any(learned for _, learned in out):
+        raise ValueError("a chat record needs at least one assistant/model message to learn from")
+    return out
+
+
+def prompt_and_target(record: dict, fmt: str, template: str | None = None) -> tuple[str, str]:
+    """(prompt text, expected completion) for evaluating generation: the prompt is everything
+    before the first completion segment (for chat it ends with "<start_of_turn>model\\n")."""
+    segs = segments(record, fmt, template)
+    i = next(i for i, (_, learned) in enumerate(segs) if learned)
+    target = segs[i][0].removesuffix("<end_of_turn>")
+    return "".join(text for text, _ in segs[:i]), target
+
+
+# -----------------------------------------------------------------------------
+# segments -> ids and labels
+
+
+def encode(
+    segs: list[Segment], tok, *, max_len: int, mask_prompt: bool = True, eos_id: int | None = None
+) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): [bos] + segment ids (+ [eos_id], learned). Sequences are cut
+    at max_len tokens (the end goes)."""
+    ids, labels = [tok.bos_id], [IGNORE]
+    for text, learned in segs:
+        piece = tok.encode(text, add_bos=False)
+        ids += piece
+        labels += piece if (learned or not mask_prompt) else [IGNORE] * len(piece)
+    if eos_id is not None:
+        ids.append(eos_id)
+        labels.append(eos_id)
+    truncated = len(ids) > max_len
+    return ids[:max_len], labels[:max_len], truncated
+
+
+@dataclass
+class SFTData:
+    """Tokenized examples plus what happened on the way (reported by train_gemma.py)."""
+
+    # (input_ids, labels) per kept example, labels aligned with input_ids (-100 = no loss).
+    examples: list[tuple[list[int], list[int]]]
+    # The source records of the kept examples (for generation-based evaluation).
+    records: list[dict] = field(default_factory=list)
+    # Format actually used ("auto" resolved).
+    format: str = "text"
+    # Template of the "template" format, else None.
+    template: str | None = None
+    # Records read, records cut at max_len, records dropped because no label token was left.
+    n_records: int = 0
+    n_truncated: int = 0
+    n_skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.examples]
+
+    def summary(self) -> str:
+        n_tokens = sum(self.lengths)
+        n_labels = sum(sum(1 for x in labels if x != IGNORE) for _, labels in self.examples)
+        return (
+            f"{len(self)} examples ({self.format}), {n_tokens} tokens, {n_labels} with loss; "
+            f"{self.n_truncated} truncated, {self.n_skipped} skipped (no completion token left)"
+        )
+
+
+def tokenize(
+    records: list[dict],
+    tok,
+    *,
+    format: str = "auto",
+    template: str | None = None,
+    max_len: int = 1024,
+    mask_prompt: bool = True,
+    add_eos: bool = True,
+    source: str = "<records>",
+) -> SFTData:
+    """Records -> SFTData. Errors name the record (source:index), the missing field and the format."""
+    if not records:
+        raise ValueError(f"{source} holds no records: the dataset is empty")
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {FORMATS}")
+    if template is not None:
+        if format not in ("auto", "template"):
+            raise ValueError(f"a template was given with format={format!r}; use format='template'")
+        template_fields(template)
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2 tokens, got {max_len}")
+    fmt = detect_format(records[0], template) if format == "auto" else format
+    if fmt == "template" and template is None:
+        raise ValueError(
+            "format='template' needs a template, e.g. '### context: {input}\\n### answer: {target}'"
+        )
+    data = SFTData(examples=[], format=fmt, template=template, n_records=len(records))
+    # Chat replies already end in <end_of_turn>, the stop token of a chat model.
+    eos_id = tok.eos_id if add_eos and fmt != "chat" else None
+    for i, record in enumerate(records):
+        try:
+            segs = segments(record, fmt, template)
+        except KeyError as e:
+            need = template_fields(template) if fmt == "template" else list(REQUIRED[fmt])
+            raise ValueError(
+                f"{source}: record {i + 1} has no {e.args[0]!r} field, which the {fmt} format needs "
+                f"(fields {need}); it has {sorted(record)}"
+            ) from None
+        except ValueError as e:
+            raise ValueError(f"{source}: record {i + 1}: {e}") from None
+        ids, labels, truncated = encode(segs, tok, max_len=max_len, mask_prompt=mask_prompt, eos_id=eos_id)
+        data.n_truncated += truncated
+        # The model predicts labels[1:] (shifted inside), so a label on position 0 alone counts for nothing.
+        if all(x == IGNORE for x in labels[1:]):
+            data.n_skipped += 1
+            continue
+        data.examples.append((ids, labels))
+        data.records.append(record)
+    if data.n_skipped:
+        log.warning(
+            "%s: %d of %d records have no completion token left after truncation to %d; skipped",
+            source,
+            data.n_skipped,
+            len(records),
+            max_len,
+        )
+    if not data.examples:
+        raise ValueError(
+            f"{source}: no example has a completion token left (all {len(records)} skipped); raise max_len"
+        )
+    return data
+
+
+def load_dataset(path: str | os.PathLike, tok, **kwargs) -> SFTData:
+    """read_jsonl + tokenize; keyword arguments as tokenize()."""
+    return tokenize(read_jsonl(path), tok, source=str(path), **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def collate(
+    examples: list[tuple[list[int], list[int]]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the batch's longest sequence: input_ids with pad_id, labels with -100.
+    Right padding under causal attention changes nothing at the real positions, so no mask is needed."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    for b, (ids, lab) in enumerate(examples):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, : len(lab)] = torch.tensor(lab)
+    return input_ids, labels
+
+
+def n_targets(labels) -> int:
+    """Positions the loss counts: labels after the shift (position 0 is never predicted)."""
+    if isinstance(labels, torch.Tensor):
+        return int((labels[..., 1:] != IGNORE).sum())
+    return sum(1 for x in labels[1:] if x != IGNORE)
+
+
+class StepSampler:
+    """Which examples form global batch number `step`, as a pure function of (seed, step): each
+    epoch is a seeded permutation, the epochs are laid end to end, and batch `step` is the slice
+    [step * G, (step + 1) * G) of that stream. Resuming needs nothing but the step.
+
+    group_by_length: within windows of 32 batches of the permutation, examples are sorted by length
+    and the resulting batches shuffled, so a batch holds sequences of similar length (less padding).
+    """
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int = 0, group_by_length: bool = False):
+        if global_batch <= 0:
+            raise ValueError(f"global batch must be positive, got {global_batch}")
+        self.lengths, self.G, self.seed, self.group = list(lengths), global_batch, seed, group_by_length
+        self._epochs: dict[int, list[int]] = {}
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(len(self.lengths), generator=g).tolist()
+            if self.group:
+                window, grouped = 32 * self.G, []
+                for start in range(0, len(order), window):
+                    chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
+                    batches = [chunk[j : j + self.G] for j in range(0, len(chunk), self.G)]
+                    for k in torch.randperm(len(batches), generator=g).tolist():
+                        grouped += batches[k]
+                order = grouped
+            self._epochs = {epoch: order}  # keep one epoch: memory stays O(dataset)
+        return self._epochs[epoch]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, offset in that epoch) of the first example of batch `step`."""
+        return divmod(step * self.G, len(self.lengths))
+
+    def indices(self, step: int) -> list[int]:
+        epoch, offset = self.position(step)
+        out: list[int] = []
+        while len(out) < self.G:
+            order = self.epoch_order(epoch)
+            out += order[offset : offset + self.G - len(out)]
+            epoch, offset = epoch + 1, 0
+        return out
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * len(self.lengths) / self.G))

@@ -1,0 +1,211 @@
+"""minilora.data: formats -> ids + labels (prompt masked), truncation/skip counts, batches, sampler, errors.
+
+A character-level stand-in tokenizer keeps these tests exact and fast: every character is one id,
+so the expected ids and labels can be written down from the strings. Special tokens written in text
+map to single ids, as the Gemma tokenizer's do.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+from minilora.data import (
+    ALPACA_PROMPT,
+    IGNORE,
+    StepSampler,
+    collate,
+    load_dataset,
+    n_targets,
+    prompt_and_target,
+    read_jsonl,
+    tokenize,
+)
+
+
+class CharTokenizer:
+    pad_id, eos_id, bos_id, end_of_turn_id, start_of_turn_id = 0, 1, 2, 5, 4
+    SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 4, "<end_of_turn>": 5}
+
+    def encode(self, text, add_bos=True):
+        ids = [self.bos_id] if add_bos else []
+        for piece in re.split(r"(<pad>|<eos>|<bos>|<start_of_turn>|<end_of_turn>)", text):
+            ids += [self.SPECIAL[piece]] if piece in self.SPECIAL else [10 + ord(c) for c in piece]
+        return ids
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.SPECIAL.items()}
+        return "".join(inv[i] if i in inv else chr(i - 10) for i in ids)
+
+
+TOK = CharTokenizer()
+
+
+def learned_text(labels):
+    return TOK.decode([x for x in labels if x != IGNORE])
+
+
+def one(record, **kw):
+    data = tokenize([record], TOK, **kw)
+    assert len(data) == 1
+    return data[0]
+
+
+def test_text_format_learns_every_token_and_eos():
+    ids, labels = one({"text": "hello"})
+    assert ids == [TOK.bos_id] + TOK.encode("hello", add_bos=False) + [TOK.eos_id]
+    assert labels == [IGNORE] + ids[1:]
+
+
+def test_prompt_completion_masks_the_prompt():
+    ids, labels = one({"prompt": "Q: 2+2?\nA: ", "completion": "4"})
+    prompt = [TOK.bos_id] + TOK.encode("Q: 2+2?\nA: ", add_bos=False)
+    assert ids == prompt + TOK.encode("4", add_bos=False) + [TOK.eos_id]
+    assert labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert learned_text(labels) == "4<eos>"
+
+
+def test_mask_prompt_off_learns_the_prompt_too():
+    ids, labels = one({"prompt": "ab", "completion": "c"}, mask_prompt=False)
+    assert labels == [IGNORE] + ids[1:]
+
+
+def test_alpaca_with_and_without_input():
+    ids, labels = one({"instruction": "Add.", "input": "2 2", "output": "4"})
+    assert TOK.decode(ids[1:]) == ALPACA_PROMPT.format(instruction="Add.", input="2 2") + "4<eos>"
+    assert learned_text(labels) == "4<eos>"
+    ids, labels = one({"instruction": "Say hi.", "output": "hi"})
+    text = TOK.decode(ids[1:])
+    assert "### Input" not in text and text.endswith("### Response:\nhi<eos>")
+    assert learned_text(labels) == "hi<eos>"
+
+
+def test_chat_learns_model_turns_only_and_follows_gemma_template():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "model", "content": "Later"},
+    ]
+    ids, labels = one({"messages": messages})
+    expected = (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nLater<end_of_turn>\n"
+    )
+    assert ids[0] == TOK.bos_id and TOK.decode(ids[1:]) == expected  # one <bos>, no <eos> after the chat
+    assert learned_text(labels) == "Hello<end_of_turn>Later<end_of_turn>"
+    prompt, target = prompt_and_target({"messages": messages}, "chat")
+    assert prompt.endswith("<start_of_turn>model\n") and target == "Hello"
+
+
+def test_template_last_placeholder_is_the_completion():
+    template = "### context: {input}\n### question: {target}"
+    ids, labels = one({"input": "sky", "target": "why blue?", "other": 1}, template=template)
+    assert TOK.decode(ids[1:]) == "### context: sky\n### question: why blue?<eos>"
+    assert learned_text(labels) == "why blue?<eos>"
+    # Literal text after the last placeholder belongs to the completion; {{ }} are literal braces.
+    ids, labels = one({"a": "x", "b": "y"}, template="{{json}} {a} -> {b}.")
+    assert TOK.decode(ids[1:]) == "{json} x -> y.<eos>" and learned_text(labels) == "y.<eos>"
+    assert prompt_and_target({"input": "s", "target": "t"}, "template", template) == (
+        "### context: s\n### question: ",
+        "t",
+    )
+
+
+def test_truncation_and_skipping_are_counted():
+    records = [
+        {"prompt": "p", "completion": "long completion"},  # cut at max_len: truncated, kept
+        {"prompt": "a very long prompt indeed", "completion": "x"},  # no label left: skipped
+        {"prompt": "p", "completion": "ok"},
+    ]
+    data = tokenize(records, TOK, max_len=8)
+    assert (data.n_records, data.n_truncated, data.n_skipped, len(data)) == (3, 2, 1, 2)
+    assert all(len(ids) <= 8 for ids, _ in data.examples)
+    assert data.records == [records[0], records[2]]
+    assert "2 truncated, 1 skipped" in data.summary()
+
+
+def test_collate_right_pads_with_pad_id_and_ignored_labels():
+    a, b = one({"text": "abcdef"}), one({"text": "ab"})
+    input_ids, labels = collate([a, b])
+    assert input_ids.shape == labels.shape == (2, len(a[0]))
+    assert input_ids[1, len(b[0]) :].eq(0).all() and labels[1, len(b[1]) :].eq(IGNORE).all()
+    assert input_ids[1, : len(b[0])].tolist() == b[0]
+    assert n_targets(labels) == n_targets(a[1]) + n_targets(b[1])
+
+
+def test_sampler_covers_each_epoch_once_and_is_a_function_of_the_step():
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4, 6, 10]
+    s = StepSampler(lengths, global_batch=4, seed=1)
+    stream = [i for step in range(5) for i in s.indices(step)]  # 20 = two epochs
+    assert sorted(stream[:10]) == sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # each epoch its own permutation
+    fresh = StepSampler(lengths, global_batch=4, seed=1)
+    assert fresh.indices(3) == s.indices(3)  # no hidden state: resume needs only the step
+    assert s.position(3) == (1, 2)
+    assert StepSampler(lengths, 4, seed=2).indices(0) != s.indices(0)
+
+
+def test_group_by_length_reduces_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (256,), generator=g).tolist()
+
+    def padding(sampler):
+        steps = range(256 // 8)
+        return sum(8 * max(lengths[i] for i in sampler.indices(k)) for k in steps) - sum(lengths)
+
+    plain, grouped = StepSampler(lengths, 8, seed=0), StepSampler(lengths, 8, seed=0, group_by_length=True)
+    assert sorted(i for k in range(32) for i in grouped.indices(k)) == list(range(256))
+    assert padding(grouped) < 0.2 * padding(plain)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return p
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    p = write(tmp_path, [json.dumps({"text": "a"}), "", '{"text": "b"', json.dumps({"text": "c"})])
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: malformed JSON"):
+        read_jsonl(p)
+    p = write(tmp_path, ["[1, 2]"], "list.jsonl")
+    with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object"):
+        read_jsonl(p)
+
+
+def test_missing_field_names_the_field_and_the_format(tmp_path):
+    p = write(tmp_path, [json.dumps({"prompt": "a", "completion": "b"}), json.dumps({"prompt": "c"})])
+    with pytest.raises(
+        ValueError, match=r"record 2 has no 'completion' field, which the prompt_completion format"
+    ):
+        load_dataset(p, TOK)
+    with pytest.raises(ValueError, match=r"no 'output' field, which the alpaca format"):
+        tokenize([{"instruction": "x"}], TOK, format="alpaca")
+    with pytest.raises(ValueError, match=r"no 'target' field, which the template format"):
+        tokenize([{"input": "x"}], TOK, template="{input} {target}")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        tokenize([{"question": "x"}], TOK)
+    with pytest.raises(ValueError, match="at least one assistant/model message"):
+        tokenize([{"messages": [{"role": "user", "content": "hi"}]}], TOK)
+    with pytest.raises(ValueError, match="unknown chat role 'bot'"):
+        tokenize([{"messages": [{"role": "bot", "content": "hi"}]}], TOK)
+
+
+def test_empty_dataset_and_bad_templates(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        read_jsonl(write(tmp_path, ["", "  "]))
+    with pytest.raises(ValueError, match="empty"):
+        tokenize([], TOK)
+    with pytest.raises(ValueError, match="no {field} placeholder"):
+        tokenize([{"a": 1}], TOK, template="no fields here")
+    with pytest.raises(ValueError, match="malformed"):
+        tokenize([{"a": 1}], TOK, template="{a")
+    with pytest.raises(ValueError, match="no example has a completion token left"):
+        tokenize([{"prompt": "long prompt", "completion": "x"}], TOK, max_len=4)
