@@ -1,8 +1,538 @@
-"""Fused LoRA linear (placeholder: plain PyTorch until the Triton kernel lands)."""
+"""
+Fused LoRA linear layer
+=======================
 
-import torch.nn.functional as F
+The op (Hu et al. 2021, "LoRA"), for x: (M, K), W: (N, K), b: (N,), A: (r, K), B: (N, r):
+
+    h  = dropout(x) = x * keep / (1 - p)           keep ~ Bernoulli(1 - p), regenerated, never stored
+    xa = h @ A.T                                    (M, r)   float32
+    y  = x @ W.T + b + s * xa @ B.T                 (M, N)
+
+and its backward with W and b frozen (no dW, no db), for dy: (M, N):
+
+    dyb = s * dy @ B                                (M, r)   float32
+    dx  = dy @ W + keep / (1 - p) * (dyb @ A)       (M, K)
+    dA  = dyb.T @ h                                 (r, K)
+    dB  = s * dy.T @ xa                             (N, r)
+
+Design: two kernels, each used twice.
+(1) `_shrink_kernel` computes a thin product out = scale * x @ a.T with r <= 128 columns: xa (forward),
+    dyb, and (on transposed views) dB and dA. It reads its big operand once and keeps an (BLOCK_M, R_PAD)
+    float32 accumulator; when there are too few row blocks to fill the GPU (dB, dA reduce over all M
+    tokens) the reduction is split into chunks whose float32 partials are summed afterwards
+    (deterministic, no atomics). Dropout is applied to x as it is loaded, from a Philox counter keyed
+    on (row, column) of x, so no mask is ever stored.
+(2) `_lora_mm_kernel` is the tiled GEMM of the Triton matmul tutorial, out = x @ w + b, whose epilogue
+    adds the rank-r term lr_scale * (xa @ b_lr): one extra (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N) dot per
+    output tile, i.e. a K -> K + r longer reduction. It gives y (forward) and dx (backward; there the
+    epilogue also multiplies by the regenerated dropout mask).
+Why not accumulate x @ A.T inside the main K loop instead? Every one of the N / BLOCK_N column tiles
+would recompute the same (BLOCK_M, r) product: r / BLOCK_N extra work (50% for r=64, BLOCK_N=128),
+against one extra read of x (M*K elements, memory-bound, a few % of the GEMM) for the separate shrink.
+
+Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile of out):
+
+    acc = zeros((BLOCK_M, BLOCK_N), float32)
+    for k in range(0, K, BLOCK_K):
+        acc += x[m : m+BLOCK_M, k : k+BLOCK_K] @ w[k : k+BLOCK_K, n : n+BLOCK_N]
+    acc += lr_scale * (keep[m, n] *) xa[m : m+BLOCK_M, :R_PAD] @ b_lr[:R_PAD, n : n+BLOCK_N]
+    out[m : m+BLOCK_M, n : n+BLOCK_N] = (acc + bias[n : n+BLOCK_N]).to(out.dtype)
+
+r is padded to R_PAD, a power of two >= 16 (tl.dot's smallest tile), with masked loads (other=0.0).
+xa is kept in float32 and rounded to the activation dtype just before its dot, as a bf16 PyTorch
+LoRA rounds its (M, r) intermediate. float64 (for gradcheck) takes an FMA path: tl.dot has no fp64
+tensor-core form, so the tile product is a broadcast multiply and a sum in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(h, lora_A), lora_B)
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed, rows, cols, p):
+    """Dropout keep-mask for elements (rows, cols) of x: Philox keyed on (col, row), u >= p."""
+    r = (rows + cols * 0).to(tl.uint32)  # broadcast both to the tile's shape
+    c = (cols + rows * 0).to(tl.uint32)
+    zero = c * 0
+    rand, _, _, _ = tl.philox(seed, c, r, zero, zero)
+    return tl.uint_to_uniform_float(rand) >= p
+
+
+@triton.jit
+def _mm(a, b, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a (P, Q) @ b (Q, S) accumulated in float32 (float64 on the FMA path)."""
+    if FP64:
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        if (
+            UPCAST
+        ):  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot; bf16*bf16 is exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 1: thin product out[s] = scale * dropout(x)[:, chunk s] @ a[:, chunk s].T
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_kernel(
+    # Pointers
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    # Sizes: x is (M, K), a is (R, K), out is (SPLIT, M, R); program (i, s) reduces K-chunk s
+    M,
+    K,
+    R,
+    k_per_split,
+    # Strides (elements)
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_os,
+    stride_om,
+    stride_or,
+    # Scale and dropout
+    scale,
+    seed,
+    p,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr,  # zero x where keep(row, col) is False
+    X_IS_T: tl.constexpr,  # x is the transpose of the dropout input: element (i, k) has mask coords (k, i)
+    FP64: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    rows = offs_m.to(tl.int64)[:, None] * stride_xm
+    if FP64:
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(
+            x_ptr + rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        # a^T tile: (BLOCK_K, R_PAD), in x's dtype (a may be a float32 intermediate: xa, dyb)
+        a = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        ).to(x.dtype)
+        if DROPOUT:
+            if X_IS_T:
+                keep = _keep(seed, offs_k[None, :], offs_m[:, None], p)
+            else:
+                keep = _keep(seed, offs_m[:, None], offs_k[None, :], p)
+            x = tl.where(keep, x, 0.0).to(a.dtype)
+        acc += _mm(x, a, FP64, UPCAST, PRECISION)
+    acc = acc * scale
+    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 2: out = x @ w + bias + lr_scale * [keep *] (xa @ b_lr)   (the base GEMM, rank-r epilogue)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_mm_kernel(
+    # Pointers
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    xa_ptr,
+    b_ptr,
+    out_ptr,
+    # Sizes: x (M, K), w (K, N), xa (M, R), b_lr (R, N), out (M, N)
+    M,
+    N,
+    K,
+    R,
+    # Strides (elements)
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_am,
+    stride_ar,
+    stride_br,
+    stride_bn,
+    stride_om,
+    stride_on,
+    # Rank-r epilogue: scale and dropout mask (keyed on out's (row, col))
+    lr_scale,
+    seed,
+    p,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    FP64: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # (1) grouped ordering: GROUP_M row-tiles share their columns of w while they sit in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    # (2) the base GEMM: acc (BLOCK_M, BLOCK_N) += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += _mm(x, w, FP64, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # (3) the rank-r epilogue: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), xa rounded to the activation dtype
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    xa = tl.load(
+        xa_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_r[None, :] * stride_ar,
+        mask=mask_m[:, None] & mask_r[None, :],
+        other=0.0,
+    ).to(b.dtype)
+    low_rank = _mm(xa, b, FP64, UPCAST, PRECISION)
+    if DROPOUT:
+        low_rank = tl.where(_keep(seed, offs_m[:, None], offs_n[None, :], p), low_rank, 0.0)
+    acc += low_rank * lr_scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+
+    # (4) one cast at the end
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Materialise keep (M, K) as int8: for tests and for anyone who wants to see the mask."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(seed, offs_m[:, None], offs_k[None, :], p)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    # triton.jit decides at decoration time (TRITON_INTERPRET=1 when this module was imported)
+    return "Interpreted" in type(_lora_mm_kernel).__name__
+
+
+# Tile configs for the fused GEMM on a recent GPU (from the Triton matmul tutorial; the epilogue adds
+# an (R_PAD, BLOCK_N) tile of B, so configs that overflow shared memory are dropped by the autotuner).
+_MM_CONFIGS = [
+    (128, 256, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 3, 8),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+
+
+@functools.cache
+def _autotuned_mm(direction: str):
+    """One autotuner per call site ("fwd": x @ W.T, "bwd": dy @ W): their memory layouts differ."""
+    del direction  # only separates the caches
+    configs = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in _MM_CONFIGS
+    ]
+    return triton.autotune(configs=configs, key=["M", "N", "K", "R_PAD"])(_lora_mm_kernel)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _common_meta(dtype: torch.dtype, interpreting: bool) -> dict:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        precision = "ieee"  # PyTorch's float32 matmul default; tf32 only where the user allowed it
+    else:
+        precision = "tf32"  # ignored for 16-bit inputs
+    return dict(
+        FP64=dtype == torch.float64, UPCAST=interpreting and dtype == torch.bfloat16, PRECISION=precision
+    )
+
+
+def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpose_out=False):
+    """scale * dropout(x) @ a.T for x (M, K), a (R, K) (any strides) -> (M, R) float32 (float64 for
+    float64 x), or (R, M) with transpose_out."""
+    (M, K), R = x.shape, a.shape[0]
+    interpreting = _interpreting()
+    r_pad = _r_pad(R)
+    if interpreting:
+        block_m, block_k, warps, target_programs, min_chunk = 32, 16, 4, 4, 16
+    elif x.dtype == torch.float64:
+        block_m, block_k, warps, target_programs, min_chunk = 32, 8, 4, 2 * _num_sms(x.device.index), 256
+    else:
+        block_k = 64 if r_pad <= 64 else 32
+        block_m, warps, target_programs, min_chunk = 64, 4, 2 * _num_sms(x.device.index), 512
+    # Split the reduction when the row blocks alone cannot fill the machine (dA, dB reduce over M).
+    row_blocks = triton.cdiv(M, block_m)
+    split = max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(K, min_chunk)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if transpose_out:
+        out = torch.empty(split, R, M, device=x.device, dtype=acc_dtype)
+        stride_os, stride_om, stride_or = out.stride(0), out.stride(2), out.stride(1)
+    else:
+        out = torch.empty(split, M, R, device=x.device, dtype=acc_dtype)
+        stride_os, stride_om, stride_or = out.stride()
+    _shrink_kernel[(row_blocks, split)](
+        x, a, out,
+        M, K, R, k_per_split,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), stride_os, stride_om, stride_or,
+        float(scale), seed, float(p),
+        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, DROPOUT=dropout, X_IS_T=x_is_t,
+        num_warps=warps, num_stages=3, **_common_meta(x.dtype, interpreting),
+    )  # fmt: skip
+    return out[0] if split == 1 else out.sum(0)
+
+
+def _lora_mm(x, w, bias, xa, b_lr, lr_scale, *, direction, seed=0, p=0.0, dropout=False):
+    """x (M, K) @ w (K, N) + bias + lr_scale * [keep *] xa (M, R) @ b_lr (R, N) -> (M, N) in x.dtype."""
+    (M, K), N, R = x.shape, w.shape[1], xa.shape[1]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    interpreting = _interpreting()
+    args = (
+        x, w, x if bias is None else bias, xa, b_lr, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), xa.stride(0), xa.stride(1),
+        b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
+        float(lr_scale), seed, float(p),
+    )  # fmt: skip
+    meta = dict(R_PAD=_r_pad(R), HAS_BIAS=bias is not None, DROPOUT=dropout)
+    meta.update(_common_meta(x.dtype, interpreting))
+    if interpreting or x.dtype == torch.float64:
+        # one small config: the interpreter runs programs one by one; fp64 is for gradcheck, not speed
+        bm, bn, bk = (32, 32, 16) if interpreting else (32, 32, 8)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _lora_mm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=4, **meta)
+    else:
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+        _autotuned_mm(direction)[grid](*args, **meta)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x @ W.T + b + s * dropout(x) @ A.T @ B.T; saves x, W, A, B and xa (M, r), nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        keep_scale = 1.0 / (1.0 - p)
+        xa = _shrink(x2, lora_A, keep_scale, seed=seed, p=p, dropout=p > 0)  # (M, r) float32
+        y = _lora_mm(x2, weight.t(), bias, xa, lora_B.t(), scaling, direction="fwd")  # (M, N)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
+        dx = dA = dB = None
+        if need_x or need_A:
+            dyb = _shrink(dy2, lora_B.t(), s)  # (M, r) = s * dy @ B, float32
+        if need_x:
+            dx = _lora_mm(
+                dy2,
+                weight,
+                None,
+                dyb,
+                lora_A,
+                1.0 / (1.0 - p),
+                direction="bwd",
+                seed=seed,
+                p=p,
+                dropout=p > 0,
+            )
+            dx = dx.view(ctx.x_shape)  # (..., K) = dy @ W + keep / (1 - p) * dyb @ A
+        if need_A:
+            # (r, K) = dyb.T @ dropout(x): reduce over the M tokens of x.T (K, M) and dyb.T (r, M)
+            dA = _shrink(
+                x2.t(),
+                dyb.t(),
+                1.0 / (1.0 - p),
+                seed=seed,
+                p=p,
+                dropout=p > 0,
+                x_is_t=True,
+                transpose_out=True,
+            )
+            dA = dA.to(lora_A.dtype)
+        if need_B:
+            dB = _shrink(dy2.t(), xa.t(), s).to(lora_B.dtype)  # (N, r) = s * dy.T @ xa
+        return dx, None, None, dA, dB, None, None, None
+
+
+def _draw_seed() -> int:
+    # From torch's CPU generator: reproducible under torch.manual_seed, no device sync, and replayed by
+    # activation checkpointing (which restores the CPU RNG state before recomputing).
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False, *, seed=None):
+    """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T with fused Triton kernels.
+
+    x: (..., in); weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in);
+    lora_B: (out, r); all of x's dtype (float16, bfloat16, float32 or float64) and device. Dropout
+    is applied when training and dropout_p > 0; its mask comes from `seed` (drawn from torch's RNG
+    when None) and is regenerated in backward. Gradients flow to x, lora_A and lora_B only.
+    """
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    if p > 0 and seed is None:
+        seed = _draw_seed()
+    if x.numel() == 0:  # no tokens: nothing to launch
+        return LoRAEmptyFunction.apply(x, weight, bias, lora_A, lora_B)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0))
+
+
+class LoRAEmptyFunction(torch.autograd.Function):
+    """Zero tokens: an empty output whose gradients are empty / zero."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B):
+        ctx.shapes = lora_A.shape, lora_B.shape
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (a_shape, b_shape), z = ctx.shapes, dy.new_zeros
+        return dy.new_empty(*dy.shape[:-1], a_shape[1]), None, None, z(a_shape), z(b_shape)
+
+
+def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:
+    """The keep-mask (M, K) (bool) that lora_linear uses for `seed` on an (M, K) input (leading dims
+    of x flattened into M). Materialised by the same device function the kernels call."""
+    M, K = shape
+    out = torch.empty(M, K, dtype=torch.int8, device=device)
+    if out.numel():
+        _mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
+            out, M, K, int(seed), float(p), BLOCK_M=32, BLOCK_K=32
+        )
+    return out.bool()
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    tensors = dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"lora_linear: x has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"lora_linear: {name} is {t.dtype} but x is {x.dtype}; cast it to x.dtype first "
+                "(LoRALinear casts lora_A/lora_B with .to(x.dtype))"
+            )
+        if t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"lora_linear runs Triton kernels: it needs CUDA tensors, got {x.device}. On CPU, set "
+            "TRITON_INTERPRET=1 before importing minilora.kernels (slow; for tests), or use "
+            'minilora.set_backend("torch")'
+        )
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(
+            f"lora_linear: need x (..., in) and weight (out, in); got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(
+            f"lora_linear: x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {n_in}"
+        )
+    if lora_A.dim() != 2 or lora_A.shape[1] != n_in:
+        raise ValueError(f"lora_linear: lora_A must be (r, in={n_in}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (n_out, r):
+        raise ValueError(f"lora_linear: lora_B must be (out={n_out}, r={r}), got {tuple(lora_B.shape)}")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(
+            f"lora_linear: rank r={r} is outside 1..{MAX_RANK}; use minilora.set_backend('torch')"
+        )
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"lora_linear: bias must be (out={n_out},), got {tuple(bias.shape)}")
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError(
+            "lora_linear keeps the base weight and bias frozen and returns no gradient for them; "
+            "call weight.requires_grad_(False) (LoRALinear does)"
+        )
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"lora_linear: scaling must be a finite Python number, got {scaling!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")

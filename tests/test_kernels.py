@@ -1,0 +1,326 @@
+"""The fused Triton LoRA op (kernels/lora_linear.py) against plain PyTorch.
+
+Without a GPU these run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+shapes are small; the same tests run compiled on a GPU. The reference is the LoRA equation in
+float64 on the very same input values, and the tolerance is derived per element, not guessed:
+
+    |kernel - exact| <= 2 * (2 u + n 2^-24) * mag
+
+where mag is the same computation on absolute values (|x| @ |W|.T + ...; for a gradient, the same
+backward with |dy|), n the longest reduction (fp32 accumulation: n * 2^-24 * mag, Higham's gamma_n),
+u the unit roundoff of the dtype: every result passes through at most two roundings to it (the rank-r
+intermediate xa or dyb, rounded before its second product as PyTorch's bf16 LoRA does, and the
+output). The leading 2 is headroom. float32: u = 2^-24; bfloat16: u = 2^-8 (8 significant bits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from minilora.kernels import LoRALinearFunction, dropout_mask, lora_linear
+from torch import nn
+
+import minilora
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(lead, K, N, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEV, dtype)
+    x = rand(*lead, K)
+    W = rand(N, K) / math.sqrt(K)
+    b = rand(N) if bias else None
+    A = rand(r, K) / math.sqrt(K)
+    B = rand(N, r)  # not zero (its init), so the low-rank path is exercised
+    dy = rand(*lead, N)
+    return x, W, b, A, B, dy
+
+
+def run_kernel(x, W, b, A, B, s, dy, p=0.0, seed=None):
+    x, A, B = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    y = lora_linear(x, W, b, A, B, s, p, p > 0, seed=seed)
+    y.backward(dy)
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def reference(x, W, b, A, B, s, dy, keep=None, p=0.0, absolute=False):
+    """y, dx, dA, dB of the LoRA equation in float64 (on |inputs| with absolute=True: the magnitudes)."""
+    f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
+    x, A, B = (f(t).requires_grad_() for t in (x, A, B))
+    h = x if keep is None else x * keep.view(x.shape).double() / (1 - p)
+    y = F.linear(x, f(W), None if b is None else f(b)) + s * F.linear(F.linear(h, A), B)
+    y.backward(f(dy))
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def assert_close_derived(got, x, W, b, A, B, s, dy, keep=None, p=0.0):
+    exact = reference(x, W, b, A, B, s, dy, keep, p)
+    mag = reference(x, W, b, A, B, s, dy, keep, p, absolute=True)
+    n = max(x.shape[-1], W.shape[0], x.numel() // x.shape[-1])
+    u = UNIT_ROUNDOFF[x.dtype]
+    for name, g, e, m in zip(("y", "dx", "dA", "dB"), got, exact, mag, strict=True):
+        assert g.dtype == x.dtype and g.shape == e.shape, name
+        tol = 2 * (2 * u + n * 2.0**-24) * m + 1e-30
+        err = (g.double() - e).abs()
+        worst = (err / tol).max().item()
+        assert worst <= 1.0, f"{name}: error {err.max().item():.3g} is {worst:.2f}x the derived bound"
+
+
+CASES = [  # (leading dims, in K, out N, bias): none of M, K, N a multiple of a tile
+    ((37,), 45, 29, True),
+    ((2, 7), 33, 70, False),
+    ((1,), 17, 5, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [1, 5, 16, 64])
+@pytest.mark.parametrize("lead,K,N,bias", CASES)
+def test_output_and_gradients_match_reference(lead, K, N, bias, r, dtype):
+    x, W, b, A, B, dy = make_inputs(lead, K, N, r, dtype, bias)
+    s = 16 / r
+    got = run_kernel(x, W, b, A, B, s, dy)
+    assert got[0].shape == (*lead, N)
+    assert_close_derived(got, x, W, b, A, B, s, dy)
+
+
+def test_non_contiguous_input_and_grad_output():
+    x, W, b, A, B, _ = make_inputs((40,), 11, 24, 5, torch.float32)
+    x = torch.randn(40, 11, 3, device=DEV).permute(2, 1, 0)  # (3, 11, 40), not contiguous
+    W = torch.randn(40, 24, device=DEV).t()  # (24, 40) transposed view
+    A = torch.randn(5, 40, device=DEV)
+    dy = torch.randn(24, 11, 3, device=DEV).permute(2, 1, 0)  # (3, 11, 24)
+    assert not (x.is_contiguous() or W.is_contiguous() or dy.is_contiguous())
+    got = run_kernel(x, W, b, A, B, 0.5, dy)
+    assert_close_derived(got, x, W, b, A, B, 0.5, dy)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_gradcheck_float64(p):
+    # float64 runs the kernels' FMA path (no fp64 tl.dot); s and 1/(1-p) are exact in the kernels'
+    # float32 scalars. A fixed seed makes the dropout mask part of a deterministic function.
+    x, W, b, A, B, _ = make_inputs((2, 3), 5, 4, 2, torch.float64)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
+    fn = lambda x, A, B: lora_linear(x, W, b, A, B, 0.5, p, True, seed=11)
+    assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+def test_dropout_mask_is_regenerated_in_backward():
+    lead, K, N, r, p, seed = (2, 9), 40, 24, 5, 0.3, 1234
+    x, W, b, A, B, dy = make_inputs(lead, K, N, r, torch.float32)
+    keep = dropout_mask(seed, (18, K), p, device=DEV)
+    assert 0 < keep.sum() < keep.numel()
+    got = run_kernel(x, W, b, A, B, 2.0, dy, p=p, seed=seed)
+    assert_close_derived(got, x, W, b, A, B, 2.0, dy, keep=keep, p=p)
+    # and a different mask would not pass: the dropout changes every result
+    undropped = reference(x, W, b, A, B, 2.0, dy)
+    for g, e in zip(got, undropped, strict=True):
+        assert not torch.allclose(g.double(), e, rtol=1e-3, atol=1e-3)
+
+
+def test_dropout_off_is_an_exact_no_op():
+    x, W, b, A, B, dy = make_inputs((6,), 20, 12, 4, torch.float32)
+    plain = run_kernel(x, W, b, A, B, 2.0, dy)
+    for p, training in [(0.3, False), (0.0, True)]:
+        xx, AA, BB = (t.clone().requires_grad_() for t in (x, A, B))
+        y = lora_linear(xx, W, b, AA, BB, 2.0, p, training)
+        y.backward(dy)
+        for g, e in zip((y, xx.grad, AA.grad, BB.grad), plain, strict=True):
+            assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate(p):
+    keep = dropout_mask(7, (64, 256), p, device=DEV).double()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    assert torch.equal(keep, dropout_mask(7, (64, 256), p, device=DEV).double())
+    assert not torch.equal(keep, dropout_mask(8, (64, 256), p, device=DEV).double())
+
+
+def test_dropout_seed_follows_torch_manual_seed():
+    x, W, b, A, B, _ = make_inputs((8,), 16, 16, 4, torch.float32)
+    run = lambda: lora_linear(x, W, b, A, B, 1.0, 0.5, True)
+    torch.manual_seed(3)
+    y1 = run()
+    torch.manual_seed(3)
+    assert torch.equal(run(), y1)
+    assert not torch.equal(run(), y1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper's checks
+
+
+def test_empty_input():
+    x, W, b, A, B, _ = make_inputs((0,), 8, 6, 2, torch.float32)
+    A.requires_grad_()
+    y = lora_linear(x, W, b, A, B, 1.0)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(A=torch.zeros(4, 9)), ValueError, r"lora_A must be \(r, in=8\)"),
+        (dict(B=torch.zeros(6, 3)), ValueError, r"lora_B must be \(out=6, r=4\)"),
+        (dict(x=torch.zeros(3, 9)), ValueError, "x has 9 features"),
+        (dict(A=torch.zeros(4, 8, dtype=torch.float64)), TypeError, "lora_A is torch.float64 but x is"),
+        (dict(A=torch.zeros(129, 8), B=torch.zeros(6, 129)), ValueError, "rank r=129"),
+        (dict(W=torch.zeros(6, 8, requires_grad=True)), ValueError, "frozen"),
+        (dict(p=1.0), ValueError, "dropout_p"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, error, match):
+    args = dict(x=torch.zeros(3, 8), W=torch.zeros(6, 8), A=torch.zeros(4, 8), B=torch.zeros(6, 4), p=0.0)
+    args.update(change)
+    args = {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        lora_linear(args["x"], args["W"], None, args["A"], args["B"], 1.0, args["p"], True)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRALinear and the backend switch
+
+
+def lora_layer(in_f, out_f, r, dropout=0.0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = minilora.LoRALinear(nn.Linear(in_f, out_f, bias=bias), r=r, alpha=2 * r, dropout=dropout)
+    nn.init.normal_(layer.lora_B)  # trained-looking B, so the LoRA term is not zero
+    return layer.to(DEV)
+
+
+def forward_backward(layer, x):
+    x = x.clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+def test_lora_linear_triton_backend_matches_torch_backend():
+    layer = lora_layer(40, 24, 4, dropout=0.1).eval()  # eval: dropout off, so both paths are exact
+    x = torch.randn(2, 5, 40, device=DEV)
+    before = minilora.get_backend()
+    try:
+        minilora.set_backend("torch")
+        expected = forward_backward(layer, x)
+        minilora.set_backend("triton")
+        calls = []
+        orig = LoRALinearFunction.apply
+        LoRALinearFunction.apply = lambda *a: calls.append(1) or orig(*a)
+        try:
+            got = forward_backward(layer, x)
+        finally:
+            LoRALinearFunction.apply = orig
+    finally:
+        minilora.set_backend(before)
+    assert calls, "the triton backend did not reach the fused op"
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_auto_backend_uses_fused_path_on_cuda(monkeypatch):
+    layer = lora_layer(64, 32, 8).cuda()
+    calls = []
+    orig = LoRALinearFunction.apply
+    monkeypatch.setattr(LoRALinearFunction, "apply", lambda *a: calls.append(1) or orig(*a))
+    before = minilora.get_backend()
+    try:
+        minilora.set_backend("auto")
+        layer(torch.randn(4, 64, device="cuda")).sum().backward()
+    finally:
+        minilora.set_backend(before)
+    assert calls and layer.lora_A.grad is not None
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [8, 64])
+@pytest.mark.parametrize("M,K,N", [(512, 1152, 1024), (300, 1024, 6912), (1000, 6912, 1152)])
+def test_gemma_shapes_on_gpu(M, K, N, r, dtype):
+    # realistic sizes: autotuned tile configs, split reductions for dA/dB
+    x, W, b, A, B, dy = make_inputs((M,), K, N, r, dtype, bias=False)
+    got = run_kernel(x, W, b, A, B, 2.0, dy, p=0.1, seed=5)
+    keep = dropout_mask(5, (M, K), 0.1)
+    assert_close_derived(got, x, W, b, A, B, 2.0, dy, keep=keep, p=0.1)
+
+
+def _tiny_gemma_or_stand_in():
+    """A 2-layer Gemma 3 from minilora.gemma; a stand-in attention + MLP block if that is missing."""
+    try:
+        from minilora.gemma import Gemma, GemmaConfig
+    except ImportError:
+        Gemma = None
+    if Gemma is not None:
+        cfg = GemmaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sandwich_norms=True, qk_norm=True,
+            sliding_window=8, sliding_layers=(True, False),
+        )  # fmt: skip
+        model = Gemma(cfg)
+        return model, lambda m: m(torch.arange(24, device="cuda").view(2, 12) % 96)
+
+    class Block(nn.Module):  # attention + gated MLP from nn.Linear, Gemma's projection names
+        def __init__(self, d=64, hidden=160):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+                nn.Linear(d, d, bias=False) for _ in range(4)
+            )
+            self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+            self.down_proj = nn.Linear(hidden, d, bias=False)
+
+        def forward(self, h):
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            h = h + self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            return h + self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+
+    return Block(), lambda m: m(
+        torch.randn(2, 12, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    )
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemma_layers_fused_equal_pytorch_on_gpu(dtype):
+    torch.manual_seed(0)
+    model, run = _tiny_gemma_or_stand_in()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    minilora.inject(model, minilora.LoRAConfig(r=8, alpha=16, targets=targets))
+    for mod in model.modules():
+        if isinstance(mod, minilora.LoRALinear):
+            nn.init.normal_(mod.lora_B, std=0.02)
+    model = model.to("cuda", dtype)
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    results = {}
+    before = minilora.get_backend()
+    try:
+        for backend in ("torch", "triton"):
+            minilora.set_backend(backend)
+            model.zero_grad()
+            out = run(model).float()
+            out.square().mean().backward()
+            results[backend] = [out.detach()] + [p.grad.float().clone() for p in lora_params]
+    finally:
+        minilora.set_backend(before)
+    # float32: both paths are exact-rounding fp32 GEMMs; bf16: activations are rounded between layers
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, expected, **tol)
