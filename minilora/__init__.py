@@ -8,8 +8,10 @@ minilora.merge(model); minilora.unmerge(model); with minilora.disabled(model): .
 
 import os as _os
 
+from minilora import gemma
 from minilora.adapter import load_adapter, read_adapter, save_adapter
 from minilora.config import LoRAConfig
+from minilora.generate import generate
 from minilora.inject import (
     count_parameters,
     disabled,
@@ -31,6 +33,8 @@ __all__ = [
     "disabled",
     "find_targets",
     "freeze_base",
+    "gemma",
+    "generate",
     "get_backend",
     "inject",
     "load_adapter",

@@ -1,0 +1,180 @@
+"""minilora.generate: the KV-cached loop equals full recomputation and transformers' greedy
+generate; stop ids, sampling, chat messages and the command line."""
+
+import importlib
+import re
+
+import pytest
+import torch
+
+import minilora as ml
+from minilora import gemma
+from minilora.generate import generate_ids, main, next_token
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300
+KINDS = {
+    "gemma1-mqa": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2, num_key_value_heads=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=4, num_key_value_heads=2, sliding_window=4)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=6, num_key_value_heads=1, sliding_window=4)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """kind -> (transformers model, folder), tiny and random (norm weights too)."""
+    out = {}
+    for kind, (config_cls, model_cls, settings) in KINDS.items():
+        config = getattr(transformers, config_cls)(
+            hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128, vocab_size=VOCAB,
+            attn_implementation="eager", **settings,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(0.0, 0.2 if "norm" in name else 0.08)
+        path = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(path)
+        out[kind] = (model, path)
+    return out
+
+
+class StubTokenizer:
+    """minilora.Tokenizer's interface over bytes: ids 4..259 are bytes, specials are single ids."""
+
+    SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 260, "<end_of_turn>": 261}
+    pad_id, eos_id, bos_id = 0, 1, 2
+
+    def __init__(self, stop_ids=(1, 261)):
+        self.stop_ids = set(stop_ids)
+
+    def encode(self, text, add_bos=True):
+        ids = [self.bos_id] if add_bos else []
+        for piece in re.split("(" + "|".join(map(re.escape, self.SPECIAL)) + ")", text):
+            if piece in self.SPECIAL:
+                ids.append(self.SPECIAL[piece])
+            else:
+                ids.extend(b + 4 for b in piece.encode())
+        return ids
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.SPECIAL.items()}
+        return "".join(names.get(i) or (chr(i - 4) if 4 <= i < 260 else f"<{i}>") for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        role = lambda m: "model" if m["role"] == "assistant" else m["role"]
+        text = "<bos>" + "".join(f"<start_of_turn>{role(m)}\n{m['content']}<end_of_turn>\n" for m in messages)
+        return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+
+
+PROMPT = [2, 17, 99, 250, 3, 41, 7]  # 7 tokens; with 20 new ones, far past the window of 4
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_greedy_with_cache_equals_recompute_and_transformers(checkpoints, kind):
+    hf, path = checkpoints[kind]
+    model = gemma.from_pretrained(path)
+    cached = generate_ids(model, PROMPT, max_new_tokens=20)
+    recomputed = generate_ids(model, PROMPT, max_new_tokens=20, use_cache=False)
+    hf.generation_config.eos_token_id = None  # no stop ids on either side
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert len(cached) == 20
+    assert cached == recomputed == out[0, len(PROMPT) :].tolist()
+
+
+def first_new_index(seq):
+    """The first k >= 1 whose token has not appeared before it (so stopping there is unambiguous)."""
+    return next(k for k in range(1, len(seq)) if seq[k] not in seq[:k])
+
+
+def test_stops_at_any_stop_id(checkpoints):
+    model = gemma.from_pretrained(checkpoints["gemma3"][1])
+    free = generate_ids(model, PROMPT, max_new_tokens=12)
+    k = first_new_index(free)
+    assert generate_ids(model, PROMPT, max_new_tokens=12, stop_ids={free[k], 299}) == free[:k]
+    assert generate_ids(model, PROMPT, max_new_tokens=0) == []
+
+
+def test_text_prompt_and_chat_messages(checkpoints):
+    model = gemma.from_pretrained(checkpoints["gemma2"][1])
+    tok = StubTokenizer(stop_ids=())
+    text = ml.generate(model, tok, "Hi there", max_new_tokens=6)
+    assert text == tok.decode(generate_ids(model, tok.encode("Hi there"), 6))
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = tok.encode(tok.apply_chat_template(messages), add_bos=False)
+    assert ids[:2] == [2, 260] and ids.count(2) == 1  # one <bos>, even though the template writes it
+    assert ml.generate(model, tok, messages, max_new_tokens=6) == tok.decode(generate_ids(model, ids, 6))
+    with pytest.raises(TypeError, match="prompt string or a list of"):
+        ml.generate(model, tok, [{"text": "no role"}])
+
+
+def test_sampling_is_reproducible_with_a_seed(checkpoints):
+    model = gemma.from_pretrained(checkpoints["gemma3"][1])
+    kw = dict(max_new_tokens=16, temperature=1.0)
+    a = generate_ids(model, PROMPT, seed=7, **kw)
+    assert a == generate_ids(model, PROMPT, seed=7, **kw)
+    assert a != generate_ids(model, PROMPT, seed=8, **kw)
+    greedy = generate_ids(model, PROMPT, max_new_tokens=16)
+    assert generate_ids(model, PROMPT, seed=1, top_k=1, **kw) == greedy
+    assert generate_ids(model, PROMPT, seed=1, top_p=1e-6, **kw) == greedy
+
+
+def test_next_token_top_k_and_top_p_support():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {next_token(logits, 1.0, generator=g, **kw) for _ in range(300)}
+    assert next_token(logits) == 1
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=2) == {1, 3}
+    # top_p=0.7: 0.5 < 0.7 keeps the next token (0.3); 0.5 + 0.3 >= 0.7 drops the rest.
+    assert draws(top_p=0.7) == {1, 3}
+    assert draws(top_p=0.85) == {1, 3, 2}
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+     (dict(max_new_tokens=-1), "max_new_tokens")],
+)  # fmt: skip
+def test_bad_sampling_arguments(checkpoints, kw, message):
+    model = gemma.from_pretrained(checkpoints["gemma1-mqa"][1], device="meta")
+    with pytest.raises(ValueError, match=message):
+        generate_ids(model, PROMPT, **kw)
+
+
+def test_generation_runs_in_eval_mode_and_restores_training(checkpoints):
+    model = gemma.from_pretrained(checkpoints["gemma3"][1])
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, dropout=0.5, targets=["q_proj", "v_proj"]))
+    model.train()
+    a = generate_ids(model, PROMPT, max_new_tokens=8)
+    assert model.training
+    model.eval()
+    assert a == generate_ids(model, PROMPT, max_new_tokens=8)  # dropout was off
+
+
+def test_command_line(checkpoints, tmp_path, monkeypatch, capsys):
+    path = checkpoints["gemma2"][1]
+    tok = StubTokenizer(stop_ids=())
+    # minilora.generate is the function (the public API); the module is in sys.modules.
+    monkeypatch.setattr(importlib.import_module("minilora.generate"), "_tokenizer", lambda _: tok)
+    main(["--model", str(path), "--max-new-tokens", "5", "Hello"])
+    model = gemma.from_pretrained(path)
+    assert capsys.readouterr().out == ml.generate(model, tok, "Hello", max_new_tokens=5) + "\n"
+
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5)
+    ml.save_adapter(model, tmp_path / "adapter")
+    main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "5", "Hello"])
+    with_adapter = ml.generate(model, tok, "Hello", max_new_tokens=5)
+    assert capsys.readouterr().out == with_adapter + "\n"
+    with ml.disabled(model):
+        assert ml.generate(model, tok, "Hello", max_new_tokens=5) != with_adapter
