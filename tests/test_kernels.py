@@ -15,6 +15,7 @@ output). The leading 2 is headroom. float32: u = 2^-24; bfloat16: u = 2^-8 (8 si
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from minilora.kernels import LoRALinearFunction, dropout_mask, lora_linear
 from torch import nn
 
 import minilora
+from minilora.gemma import Gemma, GemmaConfig
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -105,7 +107,7 @@ def test_non_contiguous_input_and_grad_output():
 def test_gradcheck_float64(p):
     # float64 runs the kernels' FMA path (no fp64 tl.dot); s and 1/(1-p) are exact in the kernels'
     # float32 scalars. A fixed seed makes the dropout mask part of a deterministic function.
-    x, W, b, A, B, _ = make_inputs((2, 3), 5, 4, 2, torch.float64)
+    x, W, b, A, B, _ = make_inputs((1, 3), 5, 4, 2, torch.float64)
     x, A, B = (t.requires_grad_() for t in (x, A, B))
     fn = lambda x, A, B: lora_linear(x, W, b, A, B, 0.5, p, True, seed=11)
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-8)
@@ -262,65 +264,60 @@ def test_gemma_shapes_on_gpu(M, K, N, r, dtype):
     assert_close_derived(got, x, W, b, A, B, 2.0, dy, keep=keep, p=0.1)
 
 
-def _tiny_gemma_or_stand_in():
-    """A 2-layer Gemma 3 from minilora.gemma; a stand-in attention + MLP block if that is missing."""
-    try:
-        from minilora.gemma import Gemma, GemmaConfig
-    except ImportError:
-        Gemma = None
-    if Gemma is not None:
-        cfg = GemmaConfig(
-            vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sandwich_norms=True, qk_norm=True,
-            sliding_window=8, sliding_layers=(True, False),
-        )  # fmt: skip
-        model = Gemma(cfg)
-        return model, lambda m: m(torch.arange(24, device="cuda").view(2, 12) % 96)
-
-    class Block(nn.Module):  # attention + gated MLP from nn.Linear, Gemma's projection names
-        def __init__(self, d=64, hidden=160):
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-                nn.Linear(d, d, bias=False) for _ in range(4)
-            )
-            self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
-            self.down_proj = nn.Linear(hidden, d, bias=False)
-
-        def forward(self, h):
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-            h = h + self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-            return h + self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
-
-    return Block(), lambda m: m(
-        torch.randn(2, 12, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    )
-
-
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gemma_layers_fused_equal_pytorch_on_gpu(dtype):
+def tiny_gemma_with_lora(device, dtype):
+    """A 2-layer Gemma 3 (sliding + full attention, GQA, qk-norm) with LoRA on all seven projections."""
     torch.manual_seed(0)
-    model, run = _tiny_gemma_or_stand_in()
+    cfg = GemmaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sandwich_norms=True, qk_norm=True,
+        sliding_window=8, sliding_layers=(True, False),
+    )  # fmt: skip
+    model = Gemma(cfg)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     minilora.inject(model, minilora.LoRAConfig(r=8, alpha=16, targets=targets))
     for mod in model.modules():
         if isinstance(mod, minilora.LoRALinear):
             nn.init.normal_(mod.lora_B, std=0.02)
-    model = model.to("cuda", dtype)
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    results = {}
+    return model.to(device, dtype)
+
+
+def run_backend(model, ids, backend):
+    """Logits and every LoRA gradient (float32 copies) of one forward/backward on `backend`."""
     before = minilora.get_backend()
     try:
-        for backend in ("torch", "triton"):
-            minilora.set_backend(backend)
-            model.zero_grad()
-            out = run(model).float()
-            out.square().mean().backward()
-            results[backend] = [out.detach()] + [p.grad.float().clone() for p in lora_params]
+        minilora.set_backend(backend)
+        model.zero_grad()
+        logits = model(ids)  # (2, 12, 96) float32
+        logits.square().mean().backward()
     finally:
         minilora.set_backend(before)
-    # float32: both paths are exact-rounding fp32 GEMMs; bf16: activations are rounded between layers
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    for got, expected in zip(results["triton"], results["torch"], strict=True):
-        torch.testing.assert_close(got, expected, **tol)
+    return [logits.detach()] + [p.grad.float().clone() for n, p in model.named_parameters() if "lora_" in n]
+
+
+def gemma_fused_vs_pytorch(device, dtype):
+    """A tiny Gemma's logits and LoRA gradients, fused op vs the PyTorch path."""
+    model = tiny_gemma_with_lora(device, dtype)
+    ids = torch.arange(24, device=device).view(2, 12) * 7 % 96
+    calls, orig = [], LoRALinearFunction.apply
+    try:
+        LoRALinearFunction.apply = lambda *a: calls.append(1) or orig(*a)
+        fused = run_backend(model, ids, "triton")
+    finally:
+        LoRALinearFunction.apply = orig
+    assert len(calls) == 14  # 2 layers x 7 projections, all through the fused op
+    plain = run_backend(model, ids, "torch")
+    if dtype == torch.float32:  # both are float32 GEMMs, equal up to summation order
+        for got, expected in zip(fused, plain, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        return
+    # 16-bit: both paths round (different) intermediates, so compare each with the same model in
+    # float32 and ask the fused path to be about as accurate as PyTorch's own 16-bit path.
+    exact = run_backend(copy.deepcopy(model).float(), ids, "torch")
+    for got, expected, ref in zip(fused, plain, exact, strict=True):
+        err_fused, err_torch = (got - ref).norm().item(), (expected - ref).norm().item()
+        assert err_fused <= 1.5 * err_torch + 1e-3 * ref.norm().item(), (err_fused, err_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemma_fused_equals_pytorch(dtype):
+    gemma_fused_vs_pytorch(DEV, dtype)
