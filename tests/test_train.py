@@ -1,0 +1,270 @@
+"""minilora.train on a tiny random Gemma 3: the loss goes down, padding and batch splitting change
+nothing, resume reproduces the uninterrupted run exactly, mismatched resumes and NaN losses stop with
+clear errors, and two processes under torchrun follow the one-process loss curve.
+
+Exactness of resume: on CPU the resumed process runs the same float32 ops on the same inputs in
+the same order from the same restored state (adapter, AdamW moments, RNG), so its metrics are
+compared with ==, not a tolerance.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import minilora
+from minilora.data import IGNORE, collate, tokenize
+from minilora.gemma import Gemma
+from minilora.inject import lora_layers
+from minilora.train import TrainConfig, TrainingDiverged, evaluate, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The stand-in tokenizer and tiny model, also written into the torchrun worker script below.
+SETUP = """
+import re, torch, minilora
+from minilora.gemma import Gemma, GemmaConfig
+
+class CharTokenizer:
+    pad_id, eos_id, bos_id, end_of_turn_id = 0, 1, 2, 5
+    def encode(self, text, add_bos=True):
+        return ([self.bos_id] if add_bos else []) + [10 + ord(c) % 200 for c in text]
+
+def tiny_model(seed=0, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"]):
+    torch.manual_seed(seed)
+    config = GemmaConfig(
+        vocab_size=224, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sandwich_norms=True, qk_norm=True,
+        sliding_window=6, sliding_layers=(True, False),
+    )
+    model = Gemma(config)
+    with torch.no_grad():  # small weights, so the loss starts near log(vocab); the tied head's
+        for p in model.parameters():  # rows large enough that the logits can become confident
+            if p.dim() == 2:
+                p.normal_(std=0.05)
+        model.model.embed_tokens.weight.normal_(std=0.3)
+    minilora.inject(model, minilora.LoRAConfig(r=4, alpha=8, dropout=dropout, targets=targets))
+    return model
+
+def records(n=24, seed=0):
+    import random
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = r.randrange(100), r.randrange(100)
+        out.append({"prompt": f"{a}+{b}" + "=" * r.randrange(1, 6), "completion": str(a + b)})
+    return out
+"""
+exec(SETUP)  # noqa: S102 - defines CharTokenizer, tiny_model, records here too
+
+TOK = CharTokenizer()  # noqa: F821
+
+
+def data(n=24, seed=0):
+    return tokenize(records(n, seed), TOK)  # noqa: F821
+
+
+def cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, lr=1e-2, warmup_steps=1, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run_dir, keys=("step", "loss", "lr", "eval_loss")):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    return [{k: m[k] for k in keys if k in m} for m in lines]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on 2 shared cores: OpenMP's thread team costs more than it gives.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, steps=20)
+    lrs = [lr_at(s, c, 20) for s in range(22)]
+    assert lrs[:4] == [0.2, 0.4, 0.6, 0.8]  # (1) warmup
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:20], lrs[5:20], strict=False))  # (2) cosine
+    assert lrs[20] == lrs[21] == pytest.approx(0.1)  # (3) floor
+
+
+def test_padding_does_not_change_an_examples_loss():
+    model = tiny_model().eval()  # noqa: F821
+    d = data(8)
+    long_ex = max(d.examples, key=lambda e: len(e[0]))
+    short_ex = min(d.examples, key=lambda e: len(e[0]))
+    assert len(long_ex[0]) > len(short_ex[0])
+    alone = model(*[t for t in collate([short_ex])][:1], labels=collate([short_ex])[1])
+    input_ids, labels = collate([long_ex, short_ex])
+    labels[0] = IGNORE  # only the padded row counts
+    padded = model(input_ids, labels=labels)
+    torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_evaluate_is_the_token_weighted_mean():
+    model = tiny_model()  # noqa: F821
+    d = data(10)
+    total = count = 0
+    for ex in d.examples:
+        input_ids, labels = collate([ex])
+        n = int((labels[:, 1:] != IGNORE).sum())
+        total += float(model(input_ids, labels=labels).detach()) * n
+        count += n
+    assert evaluate(model, d, batch_size=3) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_loss_goes_down_and_only_the_adapter_changes(tmp_path):
+    model = tiny_model(targets="all-linear")  # noqa: F821
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    fixed = data(4)
+    result = train(model, TOK, fixed, fixed, cfg(tmp_path, steps=30, warmup_steps=2, lr=3e-2))
+    m = metrics(tmp_path / "run")
+    assert m[0]["step"] == 0 and "loss" not in m[0]  # held-out loss before training
+    assert m[-1]["eval_loss"] < 0.5 * m[0]["eval_loss"]
+    assert m[-1]["loss"] < 0.5 * m[1]["loss"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    # the final adapter is in peft's format and loads back into a fresh model
+    fresh = tiny_model(seed=1, targets="all-linear")  # noqa: F821
+    minilora.load_adapter(fresh, result["adapter_dir"])
+    for (n, a), (_, b) in zip(lora_layers(model), lora_layers(fresh), strict=True):
+        assert torch.equal(a.lora_B, b.lora_B), n
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    d = data(16)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path / "a", batch_size=8, grad_accum=1))  # noqa: F821
+    train(tiny_model(), TOK, d, None, cfg(tmp_path / "b", batch_size=2, grad_accum=4))  # noqa: F821
+    a, b = metrics(tmp_path / "a" / "run"), metrics(tmp_path / "b" / "run")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):  # same global batch: same loss up to summation order
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    d = data(8)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path / "a", steps=3))  # noqa: F821
+    model = tiny_model()  # noqa: F821
+    train(model, TOK, d, None, cfg(tmp_path / "b", steps=3, grad_checkpointing=True))
+    assert model.gradient_checkpointing is False  # switched back off after the run
+    for x, y in zip(metrics(tmp_path / "a" / "run"), metrics(tmp_path / "b" / "run"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+
+
+def test_bf16_autocast_keeps_float32_adapters(tmp_path):
+    model = tiny_model()  # noqa: F821
+    train(model, TOK, data(4), None, cfg(tmp_path, steps=2, dtype="bfloat16"))
+    assert all(m.lora_A.dtype == torch.float32 for _, m in lora_layers(model))
+    assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    d, ev = data(20), data(6, seed=1)
+    # dropout on: the restored RNG state has to be right too
+    full = cfg(tmp_path / "full", steps=7, save_every=2, eval_every=3)
+    train(tiny_model(dropout=0.1), TOK, d, ev, full)  # noqa: F821
+
+    cut = cfg(tmp_path / "cut", steps=7, save_every=2, eval_every=3)
+
+    def stop_at_5(info):
+        if info["step"] == 5:  # step 5 is logged, but the last checkpoint is step 4
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(tiny_model(dropout=0.1), TOK, d, ev, cut, callback=stop_at_5)  # noqa: F821
+    assert metrics(tmp_path / "cut" / "run")[-1]["step"] == 5
+    # a fresh process: the same base weights, a new adapter init and RNG; the checkpoint restores them
+    model = tiny_model(dropout=0.1)  # noqa: F821
+    torch.manual_seed(3)
+    for _, m in lora_layers(model):
+        m.reset_lora_parameters()
+    train(model, TOK, d, ev, cfg(tmp_path / "cut", steps=7, save_every=2, eval_every=3, resume=True))
+    assert metrics(tmp_path / "cut" / "run") == metrics(tmp_path / "full" / "run")
+    assert [m["step"] for m in metrics(tmp_path / "full" / "run")] == list(range(8))
+    a, b = (tmp_path / d / "run" / "adapter" / "adapter_model.safetensors" for d in ("full", "cut"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(tmp_path):
+    d = data(8)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*lr: checkpoint 0.01, this run 0.02"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, lr=2e-2, resume=True))  # noqa: F821
+    with pytest.raises(ValueError, match=r"data: checkpoint"):
+        train(tiny_model(), TOK, data(9), None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path / "new", steps=2, resume=True))  # noqa: F821
+    with pytest.raises(ValueError, match="inject"):
+        train(Gemma(tiny_model().config), TOK, d, None, cfg(tmp_path / "x"))  # noqa: F821
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()  # noqa: F821
+    layer = next(m for _, m in lora_layers(model))
+
+    def poison(info):
+        if info["step"] == 3:  # after the step-2 checkpoint
+            with torch.no_grad():
+                layer.lora_B.fill_(float("nan"))
+
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is nan at step 4[\s\S]*last good checkpoint .*checkpoint"
+    ):
+        train(model, TOK, data(8), None, cfg(tmp_path, steps=6, save_every=2), callback=poison)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    kept = minilora.read_adapter(tmp_path / "run" / "checkpoint")[1]
+    assert all(torch.isfinite(t).all() for pair in kept.values() for t in pair.values())
+
+
+WORKER = (
+    SETUP
+    + """
+import json, sys, torch.distributed as dist
+from minilora.data import tokenize
+from minilora.train import TrainConfig, train
+dist.init_process_group("gloo")
+out = sys.argv[1]
+model = tiny_model()
+d = tokenize(records(16), CharTokenizer())
+train(model, CharTokenizer(), d, tokenize(records(6, seed=1), CharTokenizer()),
+      TrainConfig(out_dir=out, steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=2))
+dist.destroy_process_group()
+"""
+)
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one process, the same global batch of 8 = 4 x 2 micro-batches
+    one = cfg(tmp_path / "one", steps=4, batch_size=4, grad_accum=2, eval_every=2)
+    train(tiny_model(), TOK, data(16), tokenize(records(6, seed=1), TOK), one)  # noqa: F821
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "one" / "run")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):  # float32 sums in another order: agree to ~1e-6 relative
+        for key in ("loss", "lr", "eval_loss"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-5), (key, x, y)
+    assert os.path.isfile(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert not re.search(r"Traceback", proc.stderr)
