@@ -321,3 +321,19 @@ def gemma_fused_vs_pytorch(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemma_fused_equals_pytorch(dtype):
     gemma_fused_vs_pytorch(DEV, dtype)
+
+
+def test_benchmark_plan_runs_without_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora_linear.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--dry-run"], capture_output=True, text=True, check=True
+    )
+    plan = [line.split() for line in out.stdout.splitlines()[1:]]
+    # distinct (in, out) projections: gemma-3-1b 5 (k = v), gemma-7b 4 (q = k = v), gemma-2-9b 5
+    assert len(plan) == (5 + 4 + 5) * 3
+    assert ["gemma-7b", "q/k/v", "3072", "->", "4096", "r=8"] in plan
+    assert ["gemma-2-9b", "down", "14336", "->", "3584", "r=64"] in plan
