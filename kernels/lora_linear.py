@@ -175,6 +175,7 @@ def _lora_mm_kernel(
     N,
     K,
     R,
+    m_bucket,  # next power of two >= M: only the autotuner's cache key
     # Strides (elements)
     stride_xm,
     stride_xk,
@@ -295,7 +296,8 @@ def _autotuned_mm(direction: str):
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
         for bm, bn, bk, s, w in _MM_CONFIGS
     ]
-    return triton.autotune(configs=configs, key=["M", "N", "K", "R_PAD"])(_lora_mm_kernel)
+    # keyed on M rounded up to a power of two, not M: a new sequence length must not re-tune
+    return triton.autotune(configs=configs, key=["m_bucket", "N", "K", "R_PAD"])(_lora_mm_kernel)
 
 
 @functools.cache
@@ -323,16 +325,20 @@ def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpos
     (M, K), R = x.shape, a.shape[0]
     interpreting = _interpreting()
     r_pad = _r_pad(R)
-    if interpreting:
-        block_m, block_k, warps, target_programs, min_chunk = 32, 16, 4, 4, 16
-    elif x.dtype == torch.float64:
-        block_m, block_k, warps, target_programs, min_chunk = 32, 8, 4, 2 * _num_sms(x.device.index), 256
+    if interpreting:  # small tiles, a pretend 4-SM machine: the tests cross tile and split boundaries
+        block_m, block_k, warps, sms, min_chunk = 32, 16, 4, 4, 16
     else:
-        block_k = 64 if r_pad <= 64 else 32
-        block_m, warps, target_programs, min_chunk = 64, 4, 2 * _num_sms(x.device.index), 512
-    # Split the reduction when the row blocks alone cannot fill the machine (dA, dB reduce over M).
+        sms = _num_sms(x.device.index)
+        if x.dtype == torch.float64:
+            block_m, block_k, warps, min_chunk = 32, 8, 4, 256
+        else:  # memory-bound: enough row blocks to keep every SM streaming x
+            block_k = 64 if r_pad <= 64 else 32
+            block_m = 64 if triton.cdiv(M, 64) >= sms else 32
+            warps, min_chunk = 4, 512
+    # Split the reduction only where the row blocks leave most SMs idle (dA and dB reduce over all M
+    # tokens): float32 partials, summed afterwards by torch (deterministic, one extra launch).
     row_blocks = triton.cdiv(M, block_m)
-    split = max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(K, min_chunk)))
+    split = 1 if 2 * row_blocks >= sms else min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(K, min_chunk))
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -360,7 +366,7 @@ def _lora_mm(x, w, bias, xa, b_lr, lr_scale, *, direction, seed=0, p=0.0, dropou
     interpreting = _interpreting()
     args = (
         x, w, x if bias is None else bias, xa, b_lr, out,
-        M, N, K, R,
+        M, N, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), xa.stride(0), xa.stride(1),
         b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
         float(lr_scale), seed, float(p),
@@ -449,6 +455,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     is applied when training and dropout_p > 0; its mask comes from `seed` (drawn from torch's RNG
     when None) and is regenerated in backward. Gradients flow to x, lora_A and lora_B only.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # What F.linear does under autocast: every operand in the autocast dtype; the kernels then run
+        # with autocast off (their backward has no autocast-affected op).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        with torch.autocast(x.device.type, enabled=False):
+            args = map(cast, (x, weight, bias, lora_A, lora_B))
+            return lora_linear(*args, scaling, dropout_p, training, seed=seed)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:

@@ -337,3 +337,36 @@ def test_benchmark_plan_runs_without_gpu():
     assert len(plan) == (5 + 4 + 5) * 3
     assert ["gemma-7b", "q/k/v", "3072", "->", "4096", "r=8"] in plan
     assert ["gemma-2-9b", "down", "14336", "->", "3584", "r=64"] in plan
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    # as F.linear does: under autocast every operand is cast to the autocast dtype
+    x, W, b, A, B, dy = make_inputs((6,), 20, 12, 4, torch.float32)
+    A.requires_grad_()
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        y = lora_linear(x, W, b, A, B, 2.0)
+    y.backward(dy.bfloat16())
+    bf = lambda t: t.bfloat16()
+    A16 = bf(A.detach()).requires_grad_()
+    y16 = lora_linear(bf(x), bf(W), bf(b), A16, bf(B), 2.0)
+    y16.backward(bf(dy))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y16)
+    assert A.grad.dtype == torch.float32 and torch.equal(A.grad, A16.grad.float())
+
+
+def test_dropout_mask_replayed_under_activation_checkpointing():
+    # checkpoint restores torch's RNG state before recomputing, so the recomputed forward draws the
+    # same seed and the gradients equal those of a plain run
+    from torch.utils.checkpoint import checkpoint
+
+    x, W, b, A, B, dy = make_inputs((10,), 24, 16, 4, torch.float32)
+    grads = []
+    for use_checkpoint in (False, True):
+        xx, AA = x.clone().requires_grad_(), A.clone().requires_grad_()
+        fn = lambda x, A: lora_linear(x, W, b, A, B, 2.0, 0.5, True)
+        torch.manual_seed(0)
+        y = checkpoint(fn, xx, AA, use_reentrant=False) if use_checkpoint else fn(xx, AA)
+        y.backward(dy)
+        grads.append((y, xx.grad, AA.grad))
+    for g, e in zip(*grads, strict=True):
+        assert torch.equal(g, e)
