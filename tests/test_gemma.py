@@ -466,3 +466,14 @@ def test_dtype_and_device_choices(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype 'float8'"):
         gemma.from_pretrained(path, dtype="float8")
+
+
+@pytest.mark.parametrize("stored, target", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_dtype_conversion_while_loading_is_exact(tmp_path, monkeypatch, stored, target):
+    hf = hf_tiny("gemma3").to(stored)
+    hf.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(gemma, "_CHUNK_BYTES", 1000)  # many chunks per tensor, and a ragged last one
+    model = gemma.from_pretrained(tmp_path / "m", dtype=target)
+    theirs = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.dtype == target and torch.equal(p, theirs[name].to(target)), name
