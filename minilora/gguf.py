@@ -385,6 +385,7 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary readable folder
     try:
         t0 = time.perf_counter()
         _write_folder(gguf_path, tmp)
