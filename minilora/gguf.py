@@ -389,6 +389,8 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     try:
         t0 = time.perf_counter()
         _write_folder(gguf_path, tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes its file owner-only
         if out_dir.exists():  # overwrite: move the old folder aside, then swap in the new one
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
