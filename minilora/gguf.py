@@ -333,8 +333,7 @@ def _write_folder(gguf_path: Path, folder: Path) -> None:
     reader = gguf.GGUFReader(str(gguf_path))
     cfg = gemma3_config(reader)
     sp_bytes = sentencepiece_model(reader)
-    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)  # fails here, clearly, if the proto is bad
-    assert sp.get_piece_size() == cfg["vocab_size"]
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)  # a bad proto fails here, before dequantizing
     t0 = time.perf_counter()
     weights = gemma3_state_dict(reader, cfg)
     log.info("dequantized %d tensors in %.1f s", len(weights), time.perf_counter() - t0)
