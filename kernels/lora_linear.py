@@ -127,16 +127,15 @@ def _shrink_kernel(
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo = pid_s * k_per_split  # k_per_split is a multiple of BLOCK_K: chunks never overlap
     rows = offs_m.to(tl.int64)[:, None] * stride_xm
     if FP64:
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
+    for k0 in range(0, k_per_split, BLOCK_K):
+        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
         x = tl.load(
             x_ptr + rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
