@@ -88,7 +88,7 @@ def _mm(a, b, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr)
 # ----------------------------------------------------------------------------------------------------
 # Kernel 1: thin product out[s] = scale * dropout(x)[:, chunk s] @ a[:, chunk s].T
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
 def _shrink_kernel(
     # Pointers
     x_ptr,
@@ -160,7 +160,7 @@ def _shrink_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Kernel 2: out = x @ w + bias + lr_scale * [keep *] (xa @ b_lr)   (the base GEMM, rank-r epilogue)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
 def _lora_mm_kernel(
     # Pointers
     x_ptr,
@@ -258,7 +258,7 @@ def _lora_mm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
 def _mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Materialise keep (M, K) as int8: for tests and for anyone who wants to see the mask."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -322,6 +322,9 @@ def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpos
     """scale * dropout(x) @ a.T for x (M, K), a (R, K) (any strides) -> (M, R) float32 (float64 for
     float64 x), or (R, M) with transpose_out."""
     (M, K), R = x.shape, a.shape[0]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if M == 0 or K == 0:  # no rows, or an empty sum (dA and dB of zero tokens): nothing to launch
+        return torch.zeros((R, M) if transpose_out else (M, R), device=x.device, dtype=acc_dtype)
     interpreting = _interpreting()
     r_pad = _r_pad(R)
     if interpreting:  # small tiles, a pretend 4-SM machine: the tests cross tile and split boundaries
@@ -340,7 +343,6 @@ def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpos
     split = 1 if 2 * row_blocks >= sms else min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(K, min_chunk))
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_split)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if transpose_out:
         out = torch.empty(split, R, M, device=x.device, dtype=acc_dtype)
         stride_os, stride_om, stride_or = out.stride(0), out.stride(2), out.stride(1)
@@ -362,6 +364,8 @@ def _lora_mm(x, w, bias, xa, b_lr, lr_scale, *, direction, seed=0, p=0.0, dropou
     """x (M, K) @ w (K, N) + bias + lr_scale * [keep *] xa (M, R) @ b_lr (R, N) -> (M, N) in x.dtype."""
     (M, K), N, R = x.shape, w.shape[1], xa.shape[1]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
     interpreting = _interpreting()
     args = (
         x, w, x if bias is None else bias, xa, b_lr, out,
@@ -466,23 +470,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = _draw_seed()
-    if x.numel() == 0:  # no tokens: nothing to launch
-        return LoRAEmptyFunction.apply(x, weight, bias, lora_A, lora_B)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0))
-
-
-class LoRAEmptyFunction(torch.autograd.Function):
-    """Zero tokens: an empty output whose gradients are empty / zero."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B):
-        ctx.shapes = lora_A.shape, lora_B.shape
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        (a_shape, b_shape), z = ctx.shapes, dy.new_zeros
-        return dy.new_empty(*dy.shape[:-1], a_shape[1]), None, None, z(a_shape), z(b_shape)
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:

@@ -166,12 +166,13 @@ def test_dropout_seed_follows_torch_manual_seed():
 
 
 def test_empty_input():
-    x, W, b, A, B, _ = make_inputs((0,), 8, 6, 2, torch.float32)
-    A.requires_grad_()
+    x, W, b, A, B, _ = make_inputs((2, 0), 8, 6, 2, torch.float32)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
     y = lora_linear(x, W, b, A, B, 1.0)
-    assert y.shape == (0, 6)
+    assert y.shape == (2, 0, 6)
     y.sum().backward()
-    assert torch.equal(A.grad, torch.zeros_like(A))
+    assert x.grad.shape == x.shape
+    assert torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
 
 
 @pytest.mark.parametrize(
