@@ -40,8 +40,8 @@ Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile 
 
 r is padded to R_PAD, a power of two >= 16 (tl.dot's smallest tile), with masked loads (other=0.0).
 xa is kept in float32 and rounded to the activation dtype just before its dot, as a bf16 PyTorch
-LoRA rounds its (M, r) intermediate. float64 (for gradcheck) takes an FMA path: tl.dot has no fp64
-tensor-core form, so the tile product is a broadcast multiply and a sum in float64.
+LoRA rounds its (M, r) intermediate. float64 (for gradcheck, not for speed) takes an FMA path, a
+broadcast multiply and a sum in float64, rather than rely on tl.dot accepting fp64 everywhere.
 """
 
 from __future__ import annotations
@@ -76,9 +76,8 @@ def _mm(a, b, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr)
     if FP64:
         c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        if (
-            UPCAST
-        ):  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot; bf16*bf16 is exact in fp32
+        # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot; bf16 * bf16 is exact in fp32
+        if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         c = tl.dot(a, b, input_precision=PRECISION)
@@ -396,8 +395,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        keep_scale = 1.0 / (1.0 - p)
-        xa = _shrink(x2, lora_A, keep_scale, seed=seed, p=p, dropout=p > 0)  # (M, r) float32
+        drop = dict(seed=seed, p=p, dropout=p > 0)
+        xa = _shrink(x2, lora_A, 1.0 / (1.0 - p), **drop)  # (M, r) = dropout(x) @ A.T, float32
         y = _lora_mm(x2, weight.t(), bias, xa, lora_B.t(), scaling, direction="fwd")  # (M, N)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
@@ -406,39 +405,23 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        s, p, keep_scale = ctx.scaling, ctx.p, 1.0 / (1.0 - ctx.p)
+        drop = dict(seed=ctx.seed, p=p, dropout=p > 0)  # regenerates the forward's mask
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         dx = dA = dB = None
         if need_x or need_A:
             dyb = _shrink(dy2, lora_B.t(), s)  # (M, r) = s * dy @ B, float32
         if need_x:
-            dx = _lora_mm(
-                dy2,
-                weight,
-                None,
-                dyb,
-                lora_A,
-                1.0 / (1.0 - p),
-                direction="bwd",
-                seed=seed,
-                p=p,
-                dropout=p > 0,
+            # (M, K) = dy @ W + keep / (1 - p) * dyb @ A
+            dx = _lora_mm(dy2, weight, None, dyb, lora_A, keep_scale, direction="bwd", **drop).view(
+                ctx.x_shape
             )
-            dx = dx.view(ctx.x_shape)  # (..., K) = dy @ W + keep / (1 - p) * dyb @ A
         if need_A:
-            # (r, K) = dyb.T @ dropout(x): reduce over the M tokens of x.T (K, M) and dyb.T (r, M)
-            dA = _shrink(
-                x2.t(),
-                dyb.t(),
-                1.0 / (1.0 - p),
-                seed=seed,
-                p=p,
-                dropout=p > 0,
-                x_is_t=True,
-                transpose_out=True,
+            # (r, K) = dyb.T @ dropout(x): a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
+            dA = _shrink(x2.t(), dyb.t(), keep_scale, x_is_t=True, transpose_out=True, **drop).to(
+                lora_A.dtype
             )
-            dA = dA.to(lora_A.dtype)
         if need_B:
             dB = _shrink(dy2.t(), xa.t(), s).to(lora_B.dtype)  # (N, r) = s * dy.T @ xa
         return dx, None, None, dA, dB, None, None, None
