@@ -50,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode)")
     p.add_argument("--quick", action="store_true", help="gemma-3-1b at r=16 only")
     p.add_argument("--no-peft", action="store_true", help="skip peft even if it is installed")
+    p.add_argument(
+        "--shrink",
+        choices=["auto", "in-loop", "separate"],
+        default="auto",
+        help="where minilora computes x @ A.T / dy @ B: its heuristic, the GEMM's K loop, or its own pass",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     args = p.parse_args(argv)
     if args.quick:
@@ -69,7 +75,7 @@ def plan(args) -> list[tuple[str, str, int, int, int]]:
 # ----------------------------------------------------------------------------------------------------
 # The contenders: each returns (forward, forward+backward) closures over the same inputs
 # ----------------------------------------------------------------------------------------------------
-def contenders(x, W, A, B, s, p, dy, use_peft):
+def contenders(x, W, A, B, s, p, dy, use_peft, fuse_shrink=None):
     from minilora.kernels import lora_linear
 
     def timed(forward, inputs):
@@ -89,7 +95,9 @@ def contenders(x, W, A, B, s, p, dy, use_peft):
     out = {
         "base": timed(lambda: F.linear(x, W), [x]),
         "torch": timed(unfused, [x, A, B]),
-        "minilora": timed(lambda: lora_linear(x, W, None, A, B, s, p, p > 0), [x, A, B]),
+        "minilora": timed(
+            lambda: lora_linear(x, W, None, A, B, s, p, p > 0, fuse_shrink=fuse_shrink), [x, A, B]
+        ),
     }
     if use_peft:
         import peft
@@ -108,7 +116,7 @@ def contenders(x, W, A, B, s, p, dy, use_peft):
     return out
 
 
-def bench_one(n_tokens, n_in, n_out, r, p, use_peft):
+def bench_one(n_tokens, n_in, n_out, r, p, use_peft, fuse_shrink=None):
     from triton.testing import do_bench
 
     g = torch.Generator("cuda").manual_seed(0)
@@ -118,7 +126,7 @@ def bench_one(n_tokens, n_in, n_out, r, p, use_peft):
     A = rand(r, n_in, std=n_in**-0.5).requires_grad_()
     B = rand(n_out, r, std=0.02).requires_grad_()
     dy = rand(n_tokens, n_out)
-    fns = contenders(x, W, A, B, 2.0, p, dy, use_peft)
+    fns = contenders(x, W, A, B, 2.0, p, dy, use_peft, fuse_shrink)
     if p == 0:  # sanity: the fused output is the unfused one up to bf16 rounding
         with torch.no_grad():
             from minilora.kernels import lora_linear
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
         have_peft = False
     print(
         f"{len(rows)} shapes x ({'base, torch, peft, minilora' if have_peft else 'base, torch, minilora'}) "
-        f"x (fwd, fwd+bwd); {args.tokens} tokens, bf16, dropout {args.dropout}"
+        f"x (fwd, fwd+bwd); {args.tokens} tokens, bf16, dropout {args.dropout}, shrink {args.shrink}"
     )
     if args.dry_run:
         for model, names, n_in, n_out, r in rows:
@@ -168,7 +176,8 @@ def main(argv=None) -> int:
     )
     met = dict(fwd=0, fwd_bwd=0, peft=0)
     for model, proj, n_in, n_out, r in rows:
-        t = bench_one(args.tokens, n_in, n_out, r, args.dropout, have_peft)
+        fuse = {"auto": None, "in-loop": True, "separate": False}[args.shrink]
+        t = bench_one(args.tokens, n_in, n_out, r, args.dropout, have_peft, fuse)
         cells = []
         for i, goal in ((0, GOAL_FWD), (1, GOAL_FWD_BWD)):
             base = t["base"][i]

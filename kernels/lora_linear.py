@@ -15,26 +15,31 @@ and its backward with W and b frozen (no dW, no db), for dy: (M, N):
     dA  = dyb.T @ h                                 (r, K)
     dB  = s * dy.T @ xa                             (N, r)
 
-Design: two kernels, each used twice.
-(1) `_shrink_kernel` computes a thin product out = scale * x @ a.T with r <= 128 columns: xa (forward),
-    dyb, and (on transposed views) dB and dA. It reads its big operand once and keeps an (BLOCK_M, R_PAD)
-    float32 accumulator; when there are too few row blocks to fill the GPU (dB, dA reduce over all M
-    tokens) the reduction is split into chunks whose float32 partials are summed afterwards
-    (deterministic, no atomics). Dropout is applied to x as it is loaded, from a Philox counter keyed
-    on (row, column) of x, so no mask is ever stored.
-(2) `_lora_mm_kernel` is the tiled GEMM of the Triton matmul tutorial, out = x @ w + b, whose epilogue
+Design: two kernels.
+(1) `_lora_mm_kernel` is the tiled GEMM of the Triton matmul tutorial, out = x @ w + b, whose epilogue
     adds the rank-r term lr_scale * (xa @ b_lr): one extra (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N) dot per
     output tile, i.e. a K -> K + r longer reduction. It gives y (forward) and dx (backward; there the
     epilogue also multiplies by the regenerated dropout mask).
-Why not accumulate x @ A.T inside the main K loop instead? Every one of the N / BLOCK_N column tiles
-would recompute the same (BLOCK_M, r) product: r / BLOCK_N extra work (50% for r=64, BLOCK_N=128),
-against one extra read of x (M*K elements, memory-bound, a few % of the GEMM) for the separate shrink.
+(2) `_shrink_kernel` computes a thin product out = scale * x @ a.T with r <= 128 columns: xa, dyb, and
+    (on transposed views) dA and dB. It reads its big operand once and keeps a (BLOCK_M, R_PAD) float32
+    accumulator; when too few row blocks fill the GPU (dA, dB reduce over all M tokens) the reduction
+    is split into chunks whose float32 partials are summed afterwards (deterministic, no atomics).
+    Dropout is applied to x as it is loaded, from a Philox counter keyed on (row, column) of x, so no
+    mask is ever stored.
+Where xa (dyb) comes from is a cost trade-off, so both exist. The GEMM can accumulate it in its own
+K loop from the x (dy) tiles it loads anyway (FUSE_SHRINK): no extra pass over x, no extra launch, but
+each of the N / BLOCK_N column tiles redoes it, ~R_PAD / BLOCK_N more tensor-core work. A separate
+`_shrink_kernel` pass costs one more read of x instead: memory-bound, ~(F / BW) / N of the GEMM's time.
+Narrow outputs with a small r (R_PAD * N < 30k: r <= 16 on most of gemma-3-1b, dx of every up/gate)
+take the first, the rest the second (`_fuse_shrink`); forward dropout always takes the second (a
+Philox draw per element of x in every column tile would cost more than the GEMM).
 
 Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile of out):
 
     acc = zeros((BLOCK_M, BLOCK_N), float32)
     for k in range(0, K, BLOCK_K):
         acc += x[m : m+BLOCK_M, k : k+BLOCK_K] @ w[k : k+BLOCK_K, n : n+BLOCK_N]
+        (FUSE_SHRINK: xa_acc += x[m : m+BLOCK_M, k : k+BLOCK_K] @ a[k : k+BLOCK_K, :R_PAD])
     acc += lr_scale * (keep[m, n] *) xa[m : m+BLOCK_M, :R_PAD] @ b_lr[:R_PAD, n : n+BLOCK_N]
     out[m : m+BLOCK_M, n : n+BLOCK_N] = (acc + bias[n : n+BLOCK_N]).to(out.dtype)
 
@@ -157,7 +162,8 @@ def _shrink_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernel 2: out = x @ w + bias + lr_scale * [keep *] (xa @ b_lr)   (the base GEMM, rank-r epilogue)
+# Kernel 2: out = x @ w + bias + lr_scale * [keep *] (xa @ b_lr)   (the base GEMM, rank-r epilogue;
+#           with FUSE_SHRINK it also computes xa = shrink_scale * x @ a in its own K loop)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
 def _lora_mm_kernel(
@@ -166,9 +172,10 @@ def _lora_mm_kernel(
     w_ptr,
     bias_ptr,
     xa_ptr,
+    a_ptr,
     b_ptr,
     out_ptr,
-    # Sizes: x (M, K), w (K, N), xa (M, R), b_lr (R, N), out (M, N)
+    # Sizes: x (M, K), w (K, N), xa (M, R), a (K, R), b_lr (R, N), out (M, N)
     M,
     N,
     K,
@@ -179,13 +186,16 @@ def _lora_mm_kernel(
     stride_xk,
     stride_wk,
     stride_wn,
-    stride_am,
+    stride_xam,
+    stride_xar,
+    stride_ak,
     stride_ar,
     stride_br,
     stride_bn,
     stride_om,
     stride_on,
-    # Rank-r epilogue: scale and dropout mask (keyed on out's (row, col))
+    # FUSE_SHRINK: xa = shrink_scale * x @ a computed here; rank-r epilogue: scale, dropout mask
+    shrink_scale,
     lr_scale,
     seed,
     p,
@@ -197,6 +207,7 @@ def _lora_mm_kernel(
     R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,  # accumulate xa in the K loop (and store it from column tile 0)
     FP64: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -219,33 +230,44 @@ def _lora_mm_kernel(
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
 
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
+
     # (2) the base GEMM: acc (BLOCK_M, BLOCK_N) += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
     if FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        xa_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xa_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += _mm(x, w, FP64, UPCAST, PRECISION)
+        if FUSE_SHRINK:  # the same x tile, times a tile (BLOCK_K, R_PAD)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            xa_acc += _mm(x, a, FP64, UPCAST, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     # (3) the rank-r epilogue: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), xa rounded to the activation dtype
-    offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    if FUSE_SHRINK:
+        xa = xa_acc * shrink_scale
+        if pid_n == 0:  # one column tile writes xa for backward
+            tl.store(xa_ptrs, xa.to(xa_ptr.dtype.element_ty), mask=mask_mr)
+    else:
+        xa = tl.load(xa_ptrs, mask=mask_mr, other=0.0)
     b = tl.load(
         b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    xa = tl.load(
-        xa_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_r[None, :] * stride_ar,
-        mask=mask_m[:, None] & mask_r[None, :],
-        other=0.0,
-    ).to(b.dtype)
-    low_rank = _mm(xa, b, FP64, UPCAST, PRECISION)
+    low_rank = _mm(xa.to(b.dtype), b, FP64, UPCAST, PRECISION)
     if DROPOUT:
         low_rank = tl.where(_keep(seed, offs_m[:, None], offs_n[None, :], p), low_rank, 0.0)
     acc += low_rank * lr_scale
@@ -295,7 +317,9 @@ def _autotuned_mm(direction: str):
         for bm, bn, bk, s, w in _MM_CONFIGS
     ]
     # keyed on M rounded up to a power of two, not M: a new sequence length must not re-tune
-    return triton.autotune(configs=configs, key=["m_bucket", "N", "K", "R_PAD"])(_lora_mm_kernel)
+    return triton.autotune(configs=configs, key=["m_bucket", "N", "K", "R_PAD", "FUSE_SHRINK"])(
+        _lora_mm_kernel
+    )
 
 
 @functools.cache
@@ -359,21 +383,35 @@ def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpos
     return out[0] if split == 1 else out.sum(0)
 
 
-def _lora_mm(x, w, bias, xa, b_lr, lr_scale, *, direction, seed=0, p=0.0, dropout=False):
-    """x (M, K) @ w (K, N) + bias + lr_scale * [keep *] xa (M, R) @ b_lr (R, N) -> (M, N) in x.dtype."""
-    (M, K), N, R = x.shape, w.shape[1], xa.shape[1]
+def _lora_mm(
+    x, w, bias, b_lr, lr_scale, *, direction, xa=None, a=None, shrink_scale=1.0, seed=0, p=0.0, dropout=False
+):
+    """out = x (M, K) @ w (K, N) + bias + lr_scale * [keep *] xa (M, R) @ b_lr (R, N), in x.dtype.
+
+    Either xa is given, or a (K, R) is and xa = shrink_scale * x @ a is computed in the same K loop.
+    Returns (out, xa)."""
+    (M, K), N = x.shape, w.shape[1]
+    R = b_lr.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    fuse = a is not None
+    if fuse:
+        xa = torch.empty(
+            M, R, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32
+        )
+        if K == 0:
+            xa.zero_()
     if out.numel() == 0:
-        return out
+        return out, xa
     interpreting = _interpreting()
+    a_ = a if fuse else b_lr  # a placeholder pointer when unused
     args = (
-        x, w, x if bias is None else bias, xa, b_lr, out,
+        x, w, x if bias is None else bias, xa, a_, b_lr, out,
         M, N, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), xa.stride(0), xa.stride(1),
-        b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
-        float(lr_scale), seed, float(p),
+        a_.stride(0), a_.stride(1), b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
+        float(shrink_scale), float(lr_scale), seed, float(p),
     )  # fmt: skip
-    meta = dict(R_PAD=_r_pad(R), HAS_BIAS=bias is not None, DROPOUT=dropout)
+    meta = dict(R_PAD=_r_pad(R), HAS_BIAS=bias is not None, DROPOUT=dropout, FUSE_SHRINK=fuse)
     meta.update(_common_meta(x.dtype, interpreting))
     if interpreting or x.dtype == torch.float64:
         # one small config: the interpreter runs programs one by one; fp64 is for gradcheck, not speed
@@ -383,7 +421,18 @@ def _lora_mm(x, w, bias, xa, b_lr, lr_scale, *, direction, seed=0, p=0.0, dropou
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
         _autotuned_mm(direction)[grid](*args, **meta)
-    return out
+    return out, xa
+
+
+# Where to compute the rank-r shrink (xa = x @ A.T forward, dyb = dy @ B backward): inside the GEMM's K
+# loop, every one of the N / BLOCK_N column tiles redoes it, ~R_PAD / BLOCK_N (BLOCK_N ~ 128) more
+# tensor-core work; as a separate pass it costs one more read of x, memory-bound, ~(F / BW) / N of the
+# GEMM's time (F / BW ~ 230 flop/byte on an H100). The in-loop form wins when R_PAD * N < 128 * 230.
+_FUSE_SHRINK_BELOW = 30_000
+
+
+def _fuse_shrink(r: int, n_out: int) -> bool:
+    return _r_pad(r) * n_out < _FUSE_SHRINK_BELOW
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,13 +442,19 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x @ W.T + b + s * dropout(x) @ A.T @ B.T; saves x, W, A, B and xa (M, r), nothing else."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fuse_shrink):
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        drop = dict(seed=seed, p=p, dropout=p > 0)
-        xa = _shrink(x2, lora_A, 1.0 / (1.0 - p), **drop)  # (M, r) = dropout(x) @ A.T, float32
-        y = _lora_mm(x2, weight.t(), bias, xa, lora_B.t(), scaling, direction="fwd")  # (M, N)
+        r, drop = lora_A.shape[0], dict(seed=seed, p=p, dropout=p > 0)
+        # xa (M, r) = dropout(x) @ A.T, float32; in the GEMM's K loop only without dropout, which would
+        # cost a Philox draw per element of x in every column tile
+        fuse = p == 0 and (_fuse_shrink(r, weight.shape[0]) if fuse_shrink is None else fuse_shrink)
+        if fuse:
+            y, xa = _lora_mm(x2, weight.t(), bias, lora_B.t(), scaling, a=lora_A.t(), direction="fwd")
+        else:
+            xa = _shrink(x2, lora_A, 1.0 / (1.0 - p), **drop)
+            y, _ = _lora_mm(x2, weight.t(), bias, lora_B.t(), scaling, xa=xa, direction="fwd")  # (M, N)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape, ctx.fuse_shrink = scaling, p, seed, x.shape, fuse_shrink
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -409,14 +464,18 @@ class LoRALinearFunction(torch.autograd.Function):
         drop = dict(seed=ctx.seed, p=p, dropout=p > 0)  # regenerates the forward's mask
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
-        dx = dA = dB = None
-        if need_x or need_A:
-            dyb = _shrink(dy2, lora_B.t(), s)  # (M, r) = s * dy @ B, float32
-        if need_x:
-            # (M, K) = dy @ W + keep / (1 - p) * dyb @ A
-            dx = _lora_mm(dy2, weight, None, dyb, lora_A, keep_scale, direction="bwd", **drop).view(
-                ctx.x_shape
+        dx = dA = dB = dyb = None
+        # dx (M, K) = dy @ W + keep / (1 - p) * dyb @ A, with dyb (M, r) = s * dy @ B, float32, computed
+        # in the same K loop (its dropout mask is applied to dx's tile, so fusing is always possible)
+        fuse = ctx.fuse_shrink if ctx.fuse_shrink is not None else _fuse_shrink(lora_A.shape[0], x2.shape[1])
+        if need_x and fuse:
+            dx, dyb = _lora_mm(
+                dy2, weight, None, lora_A, keep_scale, a=lora_B, shrink_scale=s, direction="bwd", **drop
             )
+        elif need_x or need_A:
+            dyb = _shrink(dy2, lora_B.t(), s)
+            if need_x:
+                dx, _ = _lora_mm(dy2, weight, None, lora_A, keep_scale, xa=dyb, direction="bwd", **drop)
         if need_A:
             # (r, K) = dyb.T @ dropout(x): a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
             dA = _shrink(x2.t(), dyb.t(), keep_scale, x_is_t=True, transpose_out=True, **drop).to(
@@ -424,7 +483,8 @@ class LoRALinearFunction(torch.autograd.Function):
             )
         if need_B:
             dB = _shrink(dy2.t(), xa.t(), s).to(lora_B.dtype)  # (N, r) = s * dy.T @ xa
-        return dx, None, None, dA, dB, None, None, None
+        dx = None if dx is None else dx.view(ctx.x_shape)
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 def _draw_seed() -> int:
@@ -433,13 +493,17 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False, *, seed=None):
+def lora_linear(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False, *, seed=None, fuse_shrink=None
+):
     """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T with fused Triton kernels.
 
     x: (..., in); weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in);
     lora_B: (out, r); all of x's dtype (float16, bfloat16, float32 or float64) and device. Dropout
     is applied when training and dropout_p > 0; its mask comes from `seed` (drawn from torch's RNG
     when None) and is regenerated in backward. Gradients flow to x, lora_A and lora_B only.
+    fuse_shrink: compute x @ A.T (dy @ B) inside the GEMM's K loop (True) or as a separate pass
+    (False); None decides by shape (see _fuse_shrink). Forward dropout always takes the separate pass.
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         # What F.linear does under autocast: every operand in the autocast dtype; the kernels then run
@@ -448,12 +512,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         with torch.autocast(x.device.type, enabled=False):
             args = map(cast, (x, weight, bias, lora_A, lora_B))
-            return lora_linear(*args, scaling, dropout_p, training, seed=seed)
+            return lora_linear(*args, scaling, dropout_p, training, seed=seed, fuse_shrink=fuse_shrink)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = _draw_seed()
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0))
+    return LoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0), fuse_shrink
+    )
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:
