@@ -55,10 +55,11 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers
+MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers; larger r: plain GEMMs (lora_linear)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -504,6 +505,7 @@ def lora_linear(
     when None) and is regenerated in backward. Gradients flow to x, lora_A and lora_B only.
     fuse_shrink: compute x @ A.T (dy @ B) inside the GEMM's K loop (True) or as a separate pass
     (False); None decides by shape (see _fuse_shrink). Forward dropout always takes the separate pass.
+    r > MAX_RANK (128) is computed with plain GEMMs (cuBLAS) and the same dropout mask.
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         # What F.linear does under autocast: every operand in the autocast dtype; the kernels then run
@@ -517,6 +519,11 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
         seed = _draw_seed()
+    if lora_A.shape[0] > MAX_RANK:
+        # Not thin any more: the rank-r products are ordinary GEMMs, left to cuBLAS (same mask).
+        keep = dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device) if p > 0 else None
+        h = x if keep is None else x * keep.view(x.shape) / (1.0 - p)
+        return F.linear(x, weight, bias) + scaling * F.linear(F.linear(h, lora_A), lora_B)
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0), fuse_shrink
     )
@@ -571,10 +578,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     r = lora_A.shape[0]
     if tuple(lora_B.shape) != (n_out, r):
         raise ValueError(f"lora_linear: lora_B must be (out={n_out}, r={r}), got {tuple(lora_B.shape)}")
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(
-            f"lora_linear: rank r={r} is outside 1..{MAX_RANK}; use minilora.set_backend('torch')"
-        )
+    if r < 1:
+        raise ValueError("lora_linear: rank r must be >= 1, got an empty lora_A")
     if bias is not None and tuple(bias.shape) != (n_out,):
         raise ValueError(f"lora_linear: bias must be (out={n_out},), got {tuple(bias.shape)}")
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):

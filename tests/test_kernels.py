@@ -7,10 +7,11 @@ float64 on the very same input values, and the tolerance is derived per element,
     |kernel - exact| <= 2 * (2 u + n 2^-24) * mag
 
 where mag is the same computation on absolute values (|x| @ |W|.T + ...; for a gradient, the same
-backward with |dy|), n the longest reduction (fp32 accumulation: n * 2^-24 * mag, Higham's gamma_n),
-u the unit roundoff of the dtype: every result passes through at most two roundings to it (the rank-r
-intermediate xa or dyb, rounded before its second product as PyTorch's bf16 LoRA does, and the
-output). The leading 2 is headroom. float32: u = 2^-24; bfloat16: u = 2^-8 (8 significant bits).
+backward with |dy|), n the longest reduction (M, K, N or r: fp32 accumulation costs n * 2^-24 * mag,
+Higham's gamma_n), u the unit roundoff of the dtype: every result passes through at most two
+roundings to it (the rank-r intermediate xa or dyb, rounded before its second product as PyTorch's
+bf16 LoRA does, and the output). The leading 2 is headroom. u = 2^-24 (float32), 2^-8 (bfloat16,
+8 significant bits), 2^-11 (float16).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def reference(x, W, b, A, B, s, dy, keep=None, p=0.0, absolute=False):
 def assert_close_derived(got, x, W, b, A, B, s, dy, keep=None, p=0.0):
     exact = reference(x, W, b, A, B, s, dy, keep, p)
     mag = reference(x, W, b, A, B, s, dy, keep, p, absolute=True)
-    n = max(x.shape[-1], W.shape[0], x.numel() // x.shape[-1])
+    n = max(x.shape[-1], W.shape[0], x.numel() // x.shape[-1], A.shape[0])
     u = UNIT_ROUNDOFF[x.dtype]
     for name, g, e, m in zip(("y", "dx", "dA", "dB"), got, exact, mag, strict=True):
         assert g.dtype == x.dtype and g.shape == e.shape, name
@@ -93,13 +94,20 @@ def test_output_and_gradients_match_reference(lead, K, N, bias, r, dtype):
 
 
 @pytest.mark.parametrize("fuse_shrink", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lead,K,N,bias", CASES)
 def test_shrink_in_gemm_loop_or_separate(lead, K, N, bias, dtype, fuse_shrink):
     # x @ A.T and dy @ B computed inside the GEMM's K loop, or by the separate shrink kernel
     x, W, b, A, B, dy = make_inputs(lead, K, N, 5, dtype, bias)
     got = run_kernel(x, W, b, A, B, 3.2, dy, fuse_shrink=fuse_shrink)
     assert_close_derived(got, x, W, b, A, B, 3.2, dy)
+
+
+def test_rank_above_max_rank_uses_plain_gemms_with_the_same_mask():
+    x, W, b, A, B, dy = make_inputs((12,), 20, 10, 130, torch.float32)
+    keep = dropout_mask(4, (12, 20), 0.25, device=DEV)
+    got = run_kernel(x, W, b, A, B, 0.5, dy, p=0.25, seed=4)
+    assert_close_derived(got, x, W, b, A, B, 0.5, dy, keep=keep, p=0.25)
 
 
 def test_non_contiguous_input_and_grad_output():
@@ -193,7 +201,7 @@ def test_empty_input():
         (dict(B=torch.zeros(6, 3)), ValueError, r"lora_B must be \(out=6, r=4\)"),
         (dict(x=torch.zeros(3, 9)), ValueError, "x has 9 features"),
         (dict(A=torch.zeros(4, 8, dtype=torch.float64)), TypeError, "lora_A is torch.float64 but x is"),
-        (dict(A=torch.zeros(129, 8), B=torch.zeros(6, 129)), ValueError, "rank r=129"),
+        (dict(A=torch.zeros(0, 8), B=torch.zeros(6, 0)), ValueError, "rank r must be >= 1"),
         (dict(W=torch.zeros(6, 8, requires_grad=True)), ValueError, "frozen"),
         (dict(p=1.0), ValueError, "dropout_p"),
     ],
