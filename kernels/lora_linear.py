@@ -396,13 +396,10 @@ def _lora_mm(
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     fuse = a is not None
     if fuse:
-        xa = torch.empty(
-            M, R, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32
-        )
-        if K == 0:
-            xa.zero_()
-    if out.numel() == 0:
-        return out, xa
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xa = torch.empty(M, R, device=x.device, dtype=acc_dtype)
+    if out.numel() == 0:  # nothing to launch (xa of a zero-width layer is the empty sum)
+        return out, xa.zero_() if fuse else xa
     interpreting = _interpreting()
     a_ = a if fuse else b_lr  # a placeholder pointer when unused
     args = (
