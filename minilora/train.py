@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -400,8 +401,11 @@ def train(
 
     # 2) the steps
     model.train()
-    t0, tokens_seen, loss, eval_loss = time.perf_counter(), 0, float("nan"), None
+    # (seconds, tokens) of the last 10 steps, eval and saving excluded: speed and ETA from recent steps
+    recent: deque[tuple[float, int]] = deque(maxlen=10)
+    train_s, loss, eval_loss = 0.0, float("nan"), None
     for step in range(start, total_steps):
+        t_step = time.perf_counter()
         lr = lr_at(step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -447,8 +451,8 @@ def train(
 
         # 3) report, evaluate, save
         done = step + 1
-        tokens_seen += sum(len(ids) for ids, _ in batch)
-        elapsed = time.perf_counter() - t0
+        recent.append((time.perf_counter() - t_step, sum(len(ids) for ids, _ in batch)))
+        train_s += recent[-1][0]
         eval_loss = None
         if eval_data is not None and (
             (config.eval_every and done % config.eval_every == 0) or done == total_steps
@@ -458,12 +462,12 @@ def train(
             info = {"step": done, "loss": loss, "lr": lr}
             if eval_loss is not None:
                 info["eval_loss"] = eval_loss
-            rate = (done - start) / elapsed
+            seconds, tokens = sum(t for t, _ in recent), sum(n for _, n in recent)
             info.update(
                 steps=total_steps,
-                tokens_per_s=tokens_seen / elapsed,
-                elapsed_s=elapsed,
-                eta_s=(total_steps - done) / rate,
+                tokens_per_s=tokens / seconds,
+                train_s=train_s,
+                eta_s=(total_steps - done) * seconds / len(recent),
             )
             log_line(info)
         if (config.save_every and done % config.save_every == 0) or done == total_steps:
@@ -476,7 +480,13 @@ def train(
     _barrier()
     if config.grad_checkpointing:
         model.gradient_checkpointing = False
-    return {"step": total_steps, "loss": loss, "eval_loss": eval_loss, "adapter_dir": str(adapter_dir)}
+    return {
+        "step": total_steps,
+        "loss": loss,
+        "eval_loss": eval_loss,
+        "train_s": train_s,  # seconds in training steps (this process), eval and saving excluded
+        "adapter_dir": str(adapter_dir),
+    }
 
 
 __all__ = ["IGNORE", "TrainConfig", "TrainingDiverged", "evaluate", "lr_at", "train"]
