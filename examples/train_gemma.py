@@ -202,7 +202,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "metrics.jsonl"), encoding="utf-8") as f:
             evals = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
         say(f"held-out loss before: {evals[0]:.4f}  after: {evals[-1]:.4f}")
-    say(f"total time {time.perf_counter() - t_start:.0f} s (training {train_s:.0f} s)")
+    say(f"total time {time.perf_counter() - t_start:.0f} s (training steps {train_s:.0f} s)")
     if world > 1:
         dist.destroy_process_group()
 

@@ -169,9 +169,11 @@ def _chat_segments(messages) -> list[Segment]:
             raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
         if m["role"] not in ROLES:
             raise ValueError(f"unknown chat role {m['role']!r}; expected one of {sorted(ROLES)}")
-    # As Gemma's official template (and Tokenizer.apply_chat_template): contents are stripped, and
-    # the system text, having no turn of its own, goes before the first user message.
-    msgs = [dict(role=ROLES[m["role"]], content=str(m["content"]).strip()) for m in messages]
+    # As Gemma's official template (and Tokenizer.apply_chat_template): turn contents are stripped;
+    # the system text, having no turn of its own, goes unstripped before the first user message.
+    msgs = [dict(role=ROLES[m["role"]], content=str(m["content"])) for m in messages]
+    for m in msgs[1:] if msgs[0]["role"] == "system" else msgs:
+        m["content"] = m["content"].strip()
     if msgs[0]["role"] == "system":
         system = msgs.pop(0)["content"]
         if not msgs or msgs[0]["role"] != "user":

@@ -209,3 +209,32 @@ def test_empty_dataset_and_bad_templates(tmp_path):
         tokenize([{"a": 1}], TOK, template="{a")
     with pytest.raises(ValueError, match="no example has a completion token left"):
         tokenize([{"prompt": "long prompt", "completion": "x"}], TOK, max_len=4)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_chat_and_prompt_encoding():
+    """With Gemma's own tokenizer: the chat segments spell exactly Tokenizer.apply_chat_template's
+    text, a sequence starts with a single <bos>, and the learned tokens are the model turns."""
+    from minilora.gguf import default_model_dir
+    from minilora.tokenizer import Tokenizer
+
+    tok = Tokenizer(default_model_dir())
+    messages = [
+        {"role": "system", "content": "Answer briefly. "},
+        {"role": "user", "content": " What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6\n"},
+    ]
+    data = tokenize([{"messages": messages}], tok)
+    ids, labels = data[0]
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert tok.decode(ids) == tok.decode(
+        tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
+    )
+    assert [x for x in labels if x != IGNORE] == tok.encode("4<end_of_turn>6<end_of_turn>", add_bos=False)
+    ids, labels = tokenize([{"prompt": "Date 2039-02-10 in words:", "completion": " the 10th"}], tok)[0]
+    assert ids.count(tok.bos_id) == 1 and ids[-1] == tok.eos_id
+    assert tok.decode([x for x in labels if x != IGNORE]) == tok.decode(
+        tok.encode(" the 10th", add_bos=False) + [1]
+    )
