@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument(
+        "--group-by-length", action="store_true", help="batch similar lengths together (less padding)"
+    )
+    p.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16, float16"
     )
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -174,7 +177,8 @@ def main(argv=None):
         out_dir=args.out, steps=None if args.epochs else args.steps, epochs=args.epochs,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
         dtype="float32" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
-        grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every, seed=args.seed,
+        grad_checkpointing=args.grad_checkpointing, group_by_length=args.group_by_length,
+        eval_every=args.eval_every, seed=args.seed,
         resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
 
