@@ -324,6 +324,15 @@ def train(
     """Fine-tune the adapter parameters of `model` (the rest stays frozen). `callback(info)` gets a
     dict per logged step on rank 0 (step, steps, loss, lr, tokens_per_s, eta_s, eval_loss where
     measured). Returns the final step, loss, eval_loss and the adapter folder."""
+    previous = getattr(model, "gradient_checkpointing", None)
+    try:
+        return _train(model, tok, train_data, eval_data, config, callback)
+    finally:  # the switch goes back to what it was, however the run ends
+        if previous is not None:
+            model.gradient_checkpointing = previous
+
+
+def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     rank, world = _world()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -369,6 +378,9 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_metrics_upto(metrics_path, start if config.resume else -1)
+        if not config.resume:  # overwrite: a crash before the first save must not leave the old run to resume
+            for old in (out / "checkpoint", out / ".checkpoint.old"):
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
     net = model
@@ -478,8 +490,6 @@ def train(
     if rank == 0:
         save_adapter(model, adapter_dir)
     _barrier()
-    if config.grad_checkpointing:
-        model.gradient_checkpointing = False
     return {
         "step": total_steps,
         "loss": loss,

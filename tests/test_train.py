@@ -207,6 +207,8 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(tmp_path
         train(tiny_model(), TOK, data(9), None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=1, overwrite=True))  # noqa: F821
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]  # the old run's lines are gone
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_model(), TOK, d, None, cfg(tmp_path / "new", steps=2, resume=True))  # noqa: F821
     with pytest.raises(ValueError, match="inject"):
