@@ -14,8 +14,12 @@ setup(
     # kernels/ stays a top-level folder of the repository but installs as minilora.kernels:
     # a top-level module named `kernels` would shadow an unrelated PyPI package that
     # transformers imports whenever one is importable.
-    packages=["minilora", "minilora.kernels"],
-    package_dir={"minilora": "minilora", "minilora.kernels": "kernels"},
+    packages=["minilora", "minilora.generate", "minilora.kernels"],
+    package_dir={
+        "minilora": "minilora",
+        "minilora.generate": "minilora/generate",
+        "minilora.kernels": "kernels",
+    },
     # Loose floors: the GPU machine has torch 2.11 / triton 3.6 and no package index.
     install_requires=[
         "torch>=2.1",

@@ -3,6 +3,8 @@ generate; stop ids, sampling, chat messages and the command line."""
 
 import importlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +180,17 @@ def test_command_line(checkpoints, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == with_adapter + "\n"
     with ml.disabled(model):
         assert ml.generate(model, tok, "Hello", max_new_tokens=5) != with_adapter
+
+
+def test_python_dash_m_runs_the_command_line_once(tmp_path):
+    """`python -m minilora.generate` loads the module once (no runpy double-import warning)."""
+    out = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "minilora.generate", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage: minilora-generate" in out.stdout
+    assert "RuntimeWarning" not in out.stderr

@@ -166,7 +166,3 @@ def main(argv: list[str] | None = None) -> None:
         model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
     )
     sys.stdout.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
