@@ -22,7 +22,7 @@ setup(
     },
     # Loose floors: the GPU machine has torch 2.11 / triton 3.6 and no package index.
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "safetensors>=0.4",
         "sentencepiece>=0.1.99",
         "numpy>=1.24",
