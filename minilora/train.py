@@ -117,7 +117,8 @@ NOT_FINGERPRINTED = (
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+    """The loss or the gradient became NaN or infinite; the update was not applied and the last good
+    checkpoint is left in place."""
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -300,6 +301,15 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: d
     return int(state["step"])
 
 
+def _diverged(what: str, out: Path) -> TrainingDiverged:
+    kept = find_checkpoint(out)
+    return TrainingDiverged(
+        f"{what}; stopped before applying that update. "
+        + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written yet. ")
+        + "Lower the learning rate (or use float32 / bfloat16 instead of float16) and retry."
+    )
+
+
 def _write_metrics_upto(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= step (a resumed run rewrites what came after)."""
     lines = path.read_text().splitlines() if path.exists() else []
@@ -444,19 +454,17 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
         loss = loss_sum / max(n_global, 1)
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
-            kept = find_checkpoint(out)
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}; stopped before applying that update. "
-                + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written yet. ")
-                + "Lower the learning rate (or use float32 / bfloat16 instead of float16) and retry."
-            )
+            raise _diverged(f"loss is {loss} at step {step + 1}", out)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if scaler is not None:
+        # The total norm of the (synchronised) gradients; clipping off = a max norm of inf.
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+        if scaler is not None:  # float16: a non-finite gradient is expected, the scaler skips that step
             scaler.step(optimizer)
             scaler.update()
+        elif not math.isfinite(norm := float(norm)):  # a finite loss can still overflow in backward
+            optimizer.zero_grad(set_to_none=True)
+            raise _diverged(f"gradient norm is {norm} at step {step + 1}", out)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

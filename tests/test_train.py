@@ -234,6 +234,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for pair in kept.values() for t in pair.values())
 
 
+def test_non_finite_gradient_stops_before_the_update_and_keeps_a_good_checkpoint(tmp_path):
+    # A finite loss whose backward overflows: the update must not reach the adapter or a checkpoint.
+    model = tiny_model()  # noqa: F821
+    layer = next(m for _, m in lora_layers(model))
+    bad = {"on": False}
+    layer.lora_B.register_hook(lambda g: g * float("inf") if bad["on"] else g)
+
+    def overflow_from_step_2(info):
+        bad["on"] = info["step"] >= 1
+
+    for grad_clip in (1.0, 0.0):  # the norm is checked with clipping off too
+        out = tmp_path / f"clip{grad_clip}"
+        bad["on"] = False
+        c = cfg(out, steps=6, save_every=1, grad_clip=grad_clip)
+        with pytest.raises(TrainingDiverged, match=r"gradient norm is (inf|nan) at step 2[\s\S]*last good"):
+            train(model, TOK, data(8), None, c, callback=overflow_from_step_2)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        kept = minilora.read_adapter(out / "run" / "checkpoint")[1]
+        assert all(torch.isfinite(t).all() for pair in kept.values() for t in pair.values())
+        assert torch.load(out / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+
+
 WORKER = (
     SETUP
     + """
