@@ -57,6 +57,9 @@ class GemmaConfig:
     sandwich_norms: bool = False
     # Gemma 3: RMSNorm over head_dim on every query and key head, before RoPE.
     qk_norm: bool = False
+    # The MLP's GELU, as F.gelu's `approximate`: "tanh" in every released checkpoint, "none" (exact,
+    # erf) where a Gemma 2/3 config asks for "gelu".
+    gelu_approximate: str = "tanh"
     # Gemma 2: attention logits become cap * tanh(logits / cap); None = no capping.
     attn_logit_softcapping: float | None = None
     # Gemma 2: output logits become cap * tanh(logits / cap); None = no capping.
@@ -139,9 +142,22 @@ _DEFAULTS = {
         sliding_window=4096, attn_logit_softcapping=None, final_logit_softcapping=None,
     ),
 }  # fmt: skip
-# Every spelling of GELU that means the tanh approximation; Gemma 1's "gelu" is one of them: the
-# reference implementation and the checkpoints use the tanh form (transformers rewrites it too).
-_GELU_TANH = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
+# GELU spellings (transformers' ACT2FN names) -> F.gelu's `approximate`.
+_GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def _gelu_approximate(model_type: str, hf: dict) -> str:
+    """The MLP's GELU as transformers reads it: Gemma 1 from `hidden_act`, where the legacy "gelu"
+    of the released configs means the tanh form (GemmaConfig rewrites it; the checkpoints were
+    trained with it); Gemma 2/3 from `hidden_activation`, where "gelu" is the exact GELU."""
+    if model_type == "gemma":
+        act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in _GELU:
+        raise ValueError(f"hidden activation {act!r} is not supported; Gemma uses GELU ({sorted(_GELU)})")
+    return _GELU[act]
 
 
 def _rope(params: dict | None, where: str) -> tuple[float | None, float]:
@@ -173,9 +189,6 @@ def _config_from_hf(hf: dict) -> GemmaConfig:
         raise ValueError("use_bidirectional_attention=True (an embedding model) is not supported")
     if c.get("attention_bias"):
         raise ValueError("attention_bias=True is not a Gemma layout; Gemma projections have no bias")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _GELU_TANH:
-        raise ValueError(f"hidden activation {act!r} is not supported; Gemma uses GELU (tanh approximation)")
     n = c["num_hidden_layers"]
 
     # Which layers slide: layer_types decides when present (transformers 5.x writes it), else the
@@ -231,6 +244,7 @@ def _config_from_hf(hf: dict) -> GemmaConfig:
         query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or c.get("head_dim") or 256),
         sandwich_norms=arch["sandwich_norms"],
         qk_norm=arch["qk_norm"],
+        gelu_approximate=_gelu_approximate(model_type, hf),
         attn_logit_softcapping=c.get("attn_logit_softcapping"),
         final_logit_softcapping=c.get("final_logit_softcapping"),
         sliding_window=window,
@@ -405,9 +419,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

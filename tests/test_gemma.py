@@ -84,6 +84,23 @@ def test_float32_logits_match_transformers(tmp_path, kind):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "kind, key, approximate",
+    [("gemma1-mqa", "hidden_act", "tanh"), ("gemma2", "hidden_activation", "none"),
+     ("gemma3", "hidden_activation", "none")],
+)  # fmt: skip
+def test_gelu_means_what_transformers_makes_of_it(tmp_path, kind, key, approximate):
+    # Gemma 1's legacy "gelu" is rewritten to the tanh form; Gemma 2/3 run "gelu" as the exact GELU.
+    hf = hf_tiny(kind, **{key: "gelu"})
+    hf.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())[key] in ("gelu", "gelu_pytorch_tanh")
+    model = gemma.from_pretrained(tmp_path / "m")
+    assert model.config.gelu_approximate == approximate
+    ids = ids_for()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_sharded_checkpoint_equals_single_file(tmp_path):
     hf, single = checkpoint(tmp_path, "gemma3", "single")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
