@@ -113,6 +113,7 @@ NOT_FINGERPRINTED = (
     "save_every",
     "log_every",
     "eval_batch_size",
+    "grad_checkpointing",  # recomputing a layer in backward gives the same numbers (RNG state included)
 )
 
 
@@ -208,9 +209,25 @@ def run_settings(model: nn.Module, config: TrainConfig, data: SFTData, world: in
         "adapters": hashlib.sha256(json.dumps(adapters).encode()).hexdigest()[:16],
         "model": f"{type(model).__name__}:{sum(p.numel() for p in model.parameters())}:"
         + hashlib.sha256(repr(base).encode()).hexdigest()[:16],
+        "base_weights": base_weights_digest(model),
         "data": f"{len(data)} examples, sha256 {digest.hexdigest()[:16]}",
         "world_size": world,
     }
+
+
+def base_weights_digest(model: nn.Module, n: int = 4096) -> str:
+    """Identity of the frozen weights: name, shape, dtype and n evenly spaced elements of each tensor
+    (milliseconds even for 9B parameters). Two checkpoints of one architecture (gemma-3-270m and
+    gemma-3-270m-it) differ here, so a resume onto the other one is caught."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // n)][:n].contiguous().cpu()  # (<= n,)
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return f"sha256 {digest.hexdigest()[:16]}"
 
 
 def fingerprint(settings: dict) -> str:
@@ -250,6 +267,7 @@ def save_checkpoint(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "settings": settings,
             "fingerprint": fingerprint(settings),
+            "base_model": getattr(model, "name_or_path", None),  # for the error message only
         }
         torch.save(state, tmp / "trainer_state.pt")
     _barrier()
@@ -284,6 +302,13 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: d
                     for k, v in value.items()
                     if t0.get(k) != v
                 ]
+            elif key == "base_weights" and theirs.get(key) != value:
+                ours, before = getattr(model, "name_or_path", None), state.get("base_model")
+                diff.append(
+                    "base_weights: the checkpoint was trained on other base weights "
+                    f"({f'{before}, ' if before else ''}{theirs.get(key)}) than this run's model "
+                    f"({f'{ours}, ' if ours else ''}{value}); resume with the model the run began with"
+                )
             elif theirs.get(key) != value:
                 diff.append(f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}")
         raise ValueError(

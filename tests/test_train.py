@@ -215,6 +215,31 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(tmp_path
         train(Gemma(tiny_model().config), TOK, d, None, cfg(tmp_path / "x"))  # noqa: F821
 
 
+def test_resume_refuses_other_base_weights(tmp_path):
+    d = data(8)
+    train(tiny_model(seed=0), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    other = tiny_model(seed=1)  # noqa: F821 - the same architecture and config, other weights
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*trained on other base weights"):
+        train(other, TOK, d, None, cfg(tmp_path, steps=2, resume=True))
+
+
+def test_resume_may_toggle_gradient_checkpointing(tmp_path):
+    # The usual reason: the run ran out of memory. Recomputation gives the same numbers, dropout included.
+    d = data(12)
+    train(tiny_model(dropout=0.1), TOK, d, None, cfg(tmp_path / "full", steps=4, save_every=2))  # noqa: F821
+
+    def stop_at_3(info):
+        if info["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        c = cfg(tmp_path / "cut", steps=4, save_every=2)
+        train(tiny_model(dropout=0.1), TOK, d, None, c, callback=stop_at_3)  # noqa: F821
+    c = cfg(tmp_path / "cut", steps=4, save_every=2, resume=True, grad_checkpointing=True)
+    train(tiny_model(dropout=0.1), TOK, d, None, c)  # noqa: F821
+    assert metrics(tmp_path / "cut" / "run") == metrics(tmp_path / "full" / "run")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_model()  # noqa: F821
     layer = next(m for _, m in lora_layers(model))
