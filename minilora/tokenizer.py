@@ -136,9 +136,11 @@ class Tokenizer:
         """Gemma's chat format, as its official Jinja template writes it.
 
         `messages` is a list of {"role", "content"} dicts; roles alternate user / assistant (or
-        "model"), starting with user. A leading "system" message has no turn of its own in Gemma: its
-        text is put before the first user message, separated by a blank line. Contents are stripped
-        of surrounding whitespace, as the official template does. The text starts with "<bos>" (see
+        "model"), starting with user. A content is a str or a list of {"type": "text", "text"} parts.
+        A leading "system" message has no turn of its own in Gemma: its text, unstripped, is put
+        before the first user message, separated by a blank line; of a list, the official template
+        takes the first part only. Turn contents are stripped of surrounding whitespace, a list part
+        by part (then joined), as the official template does. The text starts with "<bos>" (see
         `encode` for why that never doubles it) and, with `add_generation_prompt`, ends with
         "<start_of_turn>model\\n" so that the model writes the next reply.
         """
@@ -147,7 +149,7 @@ class Tokenizer:
         messages = list(messages)
         system = ""
         if messages and _role(messages[0]) == "system":
-            system = _content(messages[0]) + "\n\n"
+            system = _content(messages[0], system=True) + "\n\n"
             messages = messages[1:]
             if not messages:
                 raise ValueError("a system message must be followed by a user message")
@@ -168,7 +170,7 @@ class Tokenizer:
                     "starting with user"
                 )
             prefix = system if k == 0 else ""
-            text += f"<start_of_turn>{_ROLE_NAMES[role]}\n{prefix}{_content(message).strip()}<end_of_turn>\n"
+            text += f"<start_of_turn>{_ROLE_NAMES[role]}\n{prefix}{_content(message)}<end_of_turn>\n"
         if add_generation_prompt:
             text += "<start_of_turn>model\n"
         return text
@@ -186,11 +188,18 @@ def _role(message: dict) -> str:
     return message["role"]
 
 
-def _content(message: dict) -> str:
-    """A message's text: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+def _content(message: dict, system: bool = False) -> str:
+    """A message's text as Gemma's official template writes it. A turn's content: a str, stripped,
+    or a list of {"type": "text", "text": ...} parts, each stripped, then joined. The system
+    message's: the str as it is, or the first part's text as it is."""
     content = message["content"]
     if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(p["text"] for p in content)
+        return content if system else content.strip()
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        if not system:
+            return "".join(p["text"].strip() for p in content)
+        if content:
+            return content[0]["text"]
     raise ValueError(f"message content must be a str or a list of text parts, got {content!r}")

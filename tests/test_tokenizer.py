@@ -175,6 +175,27 @@ def test_chat_template(tok):
     )
 
 
+def test_chat_template_list_content_as_the_official_template(tok):
+    # Gemma 3's official template (tokenizer_config.json of google/gemma-3-*-it): a turn's text parts
+    # are trimmed one by one and joined (`item['text'] | trim`); a system message goes in as it is,
+    # and of a list only its first part (`messages[0]['content'][0]['text'] + '\n\n'`).
+    parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731
+    msgs = [
+        {"role": "system", "content": parts("A ", " B")},
+        {"role": "user", "content": parts(" x ", " y ")},
+        {"role": "assistant", "content": parts(" a\n", "\tb ")},
+        {"role": "user", "content": []},
+    ]
+    assert tok.apply_chat_template(msgs) == (
+        "<bos><start_of_turn>user\nA \n\nxy<end_of_turn>\n<start_of_turn>model\nab<end_of_turn>\n"
+        "<start_of_turn>user\n<end_of_turn>\n<start_of_turn>model\n"
+    )
+    system = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": parts(" Hi ")}]
+    assert tok.apply_chat_template(system, add_generation_prompt=False) == (
+        "<bos><start_of_turn>user\n Be brief. \n\nHi<end_of_turn>\n"
+    )
+
+
 def test_chat_template_encodes_with_one_bos(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "Hello"}])
     ids = tok.encode(text)
@@ -194,6 +215,8 @@ def test_chat_template_encodes_with_one_bos(tok):
         ([{"role": "system", "content": "s"}], "followed by a user message"),
         ([{"role": "user"}], "'role' and 'content'"),
         ([{"role": "user", "content": 3}], "str or a list of text parts"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "str or a list of text parts"),
+        ([{"role": "system", "content": []}, {"role": "user", "content": "a"}], "list of text parts"),
     ],
 )
 def test_chat_template_errors(tok, msgs, match):
