@@ -337,10 +337,25 @@ def _diverged(what: str, out: Path) -> TrainingDiverged:
 
 def _write_metrics_upto(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= step (a resumed run rewrites what came after)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() and step >= 0 else []
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            info = json.loads(line)
+            keep = info["step"] <= step
+        except (ValueError, TypeError, KeyError) as e:
+            if not any(rest.strip() for rest in lines[lineno:]):  # a run killed while appending it
+                log.warning("%s:%d: dropping a half-written last line %r", path, lineno, line)
+                continue
+            raise ValueError(
+                f"{path}:{lineno}: not a metrics line ({e!r}); fix or delete that line and resume again"
+            ) from None
+        if keep:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
 
 

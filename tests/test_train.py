@@ -240,6 +240,22 @@ def test_resume_may_toggle_gradient_checkpointing(tmp_path):
     assert metrics(tmp_path / "cut" / "run") == metrics(tmp_path / "full" / "run")
 
 
+def test_resume_after_a_half_written_metrics_line(tmp_path, caplog):
+    d = data(8)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, save_every=1))  # noqa: F821
+    path = tmp_path / "run" / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 6.1')  # killed while appending
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, save_every=1, resume=True))  # noqa: F821
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    assert "half-written last line" in caplog.text
+    # a damaged line that is not the last is not guessed at: the error names the file, line and fix
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0][:-3], *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not a metrics line .* delete that line"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_model()  # noqa: F821
     layer = next(m for _, m in lora_layers(model))
