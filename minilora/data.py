@@ -356,7 +356,10 @@ class StepSampler:
     [step * G, (step + 1) * G) of that stream. Resuming needs nothing but the step.
 
     group_by_length: within windows of 32 batches of the permutation, examples are sorted by length
-    and the resulting batches shuffled, so a batch holds sequences of similar length (less padding).
+    and cut into batches, which are shuffled, so a batch holds sequences of similar length (less
+    padding). The cuts follow the stream's batch boundaries: when the dataset size is not a multiple
+    of G, an epoch's first examples complete the previous epoch's last batch and its own short batch
+    goes last, so no other batch mixes two length groups.
     """
 
     def __init__(self, lengths: list[int], global_batch: int, seed: int = 0, group_by_length: bool = False):
@@ -370,15 +373,23 @@ class StepSampler:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(len(self.lengths), generator=g).tolist()
             if self.group:
-                window, grouped = 32 * self.G, []
-                for start in range(0, len(order), window):
-                    chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
-                    batches = [chunk[j : j + self.G] for j in range(0, len(chunk), self.G)]
-                    for k in torch.randperm(len(batches), generator=g).tolist():
-                        grouped += batches[k]
-                order = grouped
+                order = self._grouped(order, epoch, g)
             self._epochs = {epoch: order}  # keep one epoch: memory stays O(dataset)
         return self._epochs[epoch]
+
+    def _grouped(self, order: list[int], epoch: int, g: torch.Generator) -> list[int]:
+        N, G = len(order), self.G
+        head = min(-epoch * N % G, N)  # examples before this epoch's first batch boundary
+        grouped, short = order[:head], []
+        window = 32 * G
+        for start in range(head, N, window):
+            chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
+            batches = [chunk[j : j + G] for j in range(0, len(chunk), G)]
+            if len(batches[-1]) < G:  # only in the last window
+                short = batches.pop()
+            for k in torch.randperm(len(batches), generator=g).tolist():
+                grouped += batches[k]
+        return grouped + short
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, offset in that epoch) of the first example of batch `step`."""

@@ -161,6 +161,26 @@ def test_group_by_length_reduces_padding():
     assert padding(grouped) < 0.2 * padding(plain)
 
 
+@pytest.mark.parametrize("n", [100, 484])
+def test_group_by_length_with_a_short_last_batch(n):
+    # n is not a multiple of G = 8: the short batch of an epoch must not shift every later batch
+    # across two length groups, in this epoch or the next (whose batches start mid-way in the stream).
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (n,), generator=g).tolist()
+    steps = range(2 * n // 8)  # two epochs
+
+    def padding(sampler):
+        return sum(
+            8 * max(lengths[i] for i in sampler.indices(k)) - sum(lengths[i] for i in sampler.indices(k))
+            for k in steps
+        )
+
+    plain, grouped = StepSampler(lengths, 8, seed=0), StepSampler(lengths, 8, seed=0, group_by_length=True)
+    stream = [i for k in steps for i in grouped.indices(k)]
+    assert sorted(stream[:n]) == sorted(stream[n : 2 * n]) == list(range(n))  # each epoch once
+    assert padding(grouped) < 0.2 * padding(plain)
+
+
 # -----------------------------------------------------------------------------
 # bad input
 
