@@ -110,8 +110,15 @@ class GemmaConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> GemmaConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_hf(json.load(f))
+        return cls.from_hf(_read_json(path))
+
+
+def _read_json(path: str | os.PathLike):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); re-download or fix it") from e
 
 
 # What each model_type means: the architecture flags (not stored in config.json) and the defaults
@@ -570,14 +577,32 @@ _CHUNK_BYTES = 16 << 20  # conversion buffer when the stored dtype differs from 
 
 def _safetensors_header(path: str) -> tuple[dict, int]:
     """The tensors' table of a .safetensors file (name -> dtype, shape, data_offsets) and where the
-    data starts. Format: 8-byte little-endian header length, JSON header, raw little-endian data."""
+    data starts. Format: 8-byte little-endian header length, JSON header, raw little-endian data.
+    A file too short for the data its header promises is an error here, before anything is read."""
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little")
+        if len(raw) < 8 or n <= 0 or n > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file ({len(raw)} bytes, header length {n})")
+        raw = f.read(n)
+        if len(raw) < n:
+            raise ValueError(f"{path} is truncated inside its header (re-download this file)")
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: the safetensors header is corrupted ({e}); re-download it") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object; re-download it")
     header.pop("__metadata__", None)
-    return header, 8 + n
+    size, data_start = os.path.getsize(path), 8 + n
+    cut = [(e["data_offsets"], k) for k, e in header.items() if data_start + e["data_offsets"][1] > size]
+    if cut:
+        offsets, name = min(cut)  # the first tensor, in file order, whose data is not all there
+        raise ValueError(
+            f"{path} is truncated: tensor {name} ends at byte {data_start + offsets[1]} but the file "
+            f"has {size} bytes (re-download this file)"
+        )
+    return header, data_start
 
 
 def _read_tensor(f, data_start: int, entry: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:
@@ -612,7 +637,7 @@ def _readinto(f, dst: torch.Tensor, name: str) -> None:
     while done < len(view):
         got = f.readinto(view[done:])
         if not got:
-            raise ValueError(f"{name}: the file ends before the tensor's data does (truncated download?)")
+            raise ValueError(f"{name}: {f.name} ends before the tensor's data does (truncated download?)")
         done += got
 
 
@@ -621,8 +646,8 @@ def _weight_files(path: str) -> dict[str, str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         files = {k: os.path.join(path, v) for k, v in weight_map.items()}
@@ -638,6 +663,12 @@ def _weight_files(path: str) -> dict[str, str]:
         f"no weights in {path}: expected model.safetensors or model.safetensors.index.json "
         f"(found {found[:10]}); .bin/.pth/.gguf files are not read (minilora.gguf imports a GGUF file)"
     )
+
+
+def _entry(header: dict, stored: str, file: str) -> dict:
+    if stored not in header:
+        raise ValueError(f"{file} does not contain {stored}, which the index maps to it")
+    return header[stored]
 
 
 # Multimodal Gemma 3 checkpoints hold the language model under another prefix, next to the vision
@@ -657,13 +688,16 @@ def from_pretrained(
     config.json alone. Loading is strict: missing, unexpected and mis-shaped tensors are errors.
     """
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(
+            f"{path!r} is a file; pass the checkpoint folder that holds config.json and the weights"
+        )
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path!r} has no config.json; is it a Hugging Face checkpoint folder?")
-    with open(config_path, encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = _read_json(config_path)
     config = GemmaConfig.from_hf(hf)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -704,9 +738,7 @@ def from_pretrained(
         with open(file, "rb", buffering=0) as f:
             for name in group:
                 stored = names[name][0]
-                if stored not in header:
-                    raise ValueError(f"{file} does not contain {stored}, which the index maps to it")
-                entry, want = header[stored], tuple(expected[name].shape)
+                entry, want = _entry(header, stored, file), tuple(expected[name].shape)
                 if tuple(entry["shape"]) != want:
                     raise ValueError(
                         f"{stored}: checkpoint shape {tuple(entry['shape'])}, model expects {want}"
@@ -718,7 +750,7 @@ def from_pretrained(
         stored, file = tied_head
         header, data_start = _safetensors_header(file)
         with open(file, "rb", buffering=0) as f:
-            head = _read_tensor(f, data_start, header[stored], stored, dtype, device)
+            head = _read_tensor(f, data_start, _entry(header, stored, file), stored, dtype, device)
         if not torch.equal(head, model.model.embed_tokens.weight):
             raise ValueError(
                 f"{stored} differs from model.embed_tokens.weight; minilora's Gemma ties the output "

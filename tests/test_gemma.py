@@ -403,6 +403,21 @@ def test_missing_directory(tmp_path):
         gemma.from_pretrained(tmp_path / "nope")
 
 
+def test_a_file_instead_of_the_folder(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    with pytest.raises(NotADirectoryError, match="model.safetensors' is a file; pass the checkpoint folder"):
+        gemma.from_pretrained(path / "model.safetensors")
+
+
+def test_invalid_config_json_is_named(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    (path / "config.json").write_text('{"model_type": "gemma",\n}')
+    with pytest.raises(ValueError, match=r"ckpt/config.json is not valid JSON \(Expecting"):
+        gemma.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"ckpt/config.json is not valid JSON"):
+        gemma.GemmaConfig.from_json(path / "config.json")
+
+
 def test_no_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         gemma.from_pretrained(tmp_path)
@@ -457,6 +472,69 @@ def test_shape_mismatch_names_both_shapes(tmp_path):
     with pytest.raises(
         ValueError, match=r"model.norm.weight: checkpoint shape \(65,\), model expects \(64,\)"
     ):
+        gemma.from_pretrained(path)
+
+
+def safetensors_header(file) -> dict:
+    """name -> dtype, shape, data_offsets of a .safetensors file, read by hand (the format's spec)."""
+    raw = file.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    header.pop("__metadata__", None)
+    return header
+
+
+def test_corrupted_safetensors_header_names_the_file(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    raw = bytearray((path / "model.safetensors").read_bytes())
+    raw[8:12] = b"#!?@"  # the header's JSON, broken at the same length
+    (path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors: the safetensors header is corrupted"):
+        gemma.from_pretrained(path)
+    (path / "model.safetensors").write_bytes(bytes(raw[:100]))  # cut inside the header
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors is truncated inside its header"):
+        gemma.from_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"\x01\x00")  # not even the header's length
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors is not a safetensors file \(2 bytes"):
+        gemma.from_pretrained(path)
+
+
+def sharded(tmp_path):
+    hf, path = checkpoint(tmp_path, "gemma3", max_shard_size="100KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    return hf, path, shards
+
+
+def test_truncated_shard_names_the_tensor_and_the_file(tmp_path):
+    _, path, shards = sharded(tmp_path)
+    shard = shards[1]
+    header = safetensors_header(shard)
+    last = max(header, key=lambda name: header[name]["data_offsets"][1])
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 3)  # the last tensor loses its last bytes
+    with pytest.raises(
+        ValueError, match=rf"{shard.name} is truncated: tensor {last} ends at byte {size} but the file has"
+    ):
+        gemma.from_pretrained(path)
+
+
+def test_index_entry_for_a_shard_without_the_tensor(tmp_path):
+    _, path, shards = sharded(tmp_path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    stored = index["weight_map"]
+    wrong = next(s.name for s in shards if s.name != stored["model.norm.weight"])
+    index["weight_map"] = {**stored, "model.norm.weight": wrong}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=rf"{wrong} does not contain model.norm.weight, which the index maps"
+    ):
+        gemma.from_pretrained(path)
+    # The tied head's entry is checked the same way (it used to be a bare KeyError).
+    index["weight_map"] = {**stored, "lm_head.weight": wrong}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{wrong} does not contain lm_head.weight, which the index maps"):
         gemma.from_pretrained(path)
 
 
