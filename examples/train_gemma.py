@@ -102,7 +102,7 @@ def exact_match(model, tok, data, n, max_new_tokens, batch=32):
     """Greedy completions of the first n held-out prompts; (fraction equal to the target, one sample)."""
     was_training = model.training
     model.eval()
-    pairs = [prompt_and_target(r, data.format, data.template) for r in data.records[:n]]
+    pairs = [prompt_and_target(r, data.format, data.template, tok=tok) for r in data.records[:n]]
     # as data.py encodes a prompt: <bos> + its own ids; prompts of one length share a batch
     ids = [[tok.bos_id] + tok.encode(p, add_bos=False) for p, _ in pairs]
     by_len: dict[int, list[int]] = {}

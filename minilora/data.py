@@ -57,9 +57,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-# Gemma turns: "<start_of_turn>{role}\n{content}<end_of_turn>\n"; the assistant's role is "model".
-ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
-
 Segment = tuple[str, bool]  # (text, is_completion)
 
 
@@ -69,6 +66,10 @@ Segment = tuple[str, bool]  # (text, is_completion)
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file; blank lines are skipped. Errors name the file and line."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -82,7 +83,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
                 )
-            records.append(record)
+            records.append((lineno, record))
     if not records:
         raise ValueError(f"{path} holds no records: the dataset is empty")
     return records
@@ -128,8 +129,9 @@ def detect_format(record: dict, template: str | None = None) -> str:
 # records -> segments
 
 
-def segments(record: dict, fmt: str, template: str | None = None) -> list[Segment]:
-    """A record as [(text, is_completion), ...]; raises KeyError naming a missing field."""
+def segments(record: dict, fmt: str, template: str | None = None, *, tok=None) -> list[Segment]:
+    """A record as [(text, is_completion), ...]; raises KeyError naming a missing field. The chat
+    format needs `tok`: its apply_chat_template writes the text."""
 
     def need(name: str):
         if name not in record:
@@ -145,7 +147,7 @@ def segments(record: dict, fmt: str, template: str | None = None) -> list[Segmen
         prompt = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
         return [(prompt.format(instruction=instruction, input=inp), False), (str(output), True)]
     if fmt == "chat":
-        return _chat_segments(need("messages"))
+        return _chat_segments(need("messages"), tok)
     if fmt == "template":
         if template is None:
             raise ValueError(
@@ -161,39 +163,41 @@ def segments(record: dict, fmt: str, template: str | None = None) -> list[Segmen
     raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
 
 
-def _chat_segments(messages) -> list[Segment]:
+def _chat_segments(messages, tok) -> list[Segment]:
+    """Gemma's chat text cut into turns, the model turns learned. The text and its rules (roles
+    alternate user/model starting with user, a system message only first and folded into the first
+    user turn, contents stripped) are the tokenizer's apply_chat_template, as at generation time."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {role, content} objects")
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
-        if m["role"] not in ROLES:
-            raise ValueError(f"unknown chat role {m['role']!r}; expected one of {sorted(ROLES)}")
-    # As Gemma's official template (and Tokenizer.apply_chat_template): turn contents are stripped;
-    # the system text, having no turn of its own, goes unstripped before the first user message.
-    msgs = [dict(role=ROLES[m["role"]], content=str(m["content"])) for m in messages]
-    for m in msgs[1:] if msgs[0]["role"] == "system" else msgs:
-        m["content"] = m["content"].strip()
-    if msgs[0]["role"] == "system":
-        system = msgs.pop(0)["content"]
-        if not msgs or msgs[0]["role"] != "user":
-            raise ValueError("a system message must be followed by a user message")
-        msgs[0]["content"] = system + "\n\n" + msgs[0]["content"]
+    if not hasattr(tok, "apply_chat_template"):
+        raise ValueError(
+            f"the chat format needs a tokenizer with apply_chat_template (minilora.Tokenizer), "
+            f"got {type(tok).__name__}"
+        )
+
+    def text(k: int) -> str:  # the first k messages, as a conversation so far (no <bos>)
+        return tok.apply_chat_template(messages[:k], add_generation_prompt=False).removeprefix("<bos>")
+
+    text(len(messages))  # checks the whole conversation before it is cut up
     out: list[Segment] = []
-    for m in msgs:
-        learned = m["role"] == "model"
-        out.append((f"<start_of_turn>{m['role']}\n", False))
-        out.append((m["content"] + "<end_of_turn>", learned))
-        out.append(("\n", False))
+    done = ""
+    for k in range(len(messages)):
+        if k == 0 and messages[0]["role"] == "system":
+            continue  # no turn of its own: its text goes into the first user turn
+        upto = text(k + 1)
+        turn = upto[len(done) :]  # "<start_of_turn>{role}\n{content}<end_of_turn>\n"
+        done = upto
+        header, body = turn.split("\n", 1)
+        out += [(header + "\n", False), (body[:-1], header.endswith("model")), (body[-1:], False)]
     if not any(learned for _, learned in out):
         raise ValueError("a chat record needs at least one assistant/model message to learn from")
     return out
 
 
-def prompt_and_target(record: dict, fmt: str, template: str | None = None) -> tuple[str, str]:
+def prompt_and_target(record: dict, fmt: str, template: str | None = None, *, tok=None) -> tuple[str, str]:
     """(prompt text, expected completion) for evaluating generation: the prompt is everything
     before the first completion segment (for chat it ends with "<start_of_turn>model\\n")."""
-    segs = segments(record, fmt, template)
+    segs = segments(record, fmt, template, tok=tok)
     i = next(i for i, (_, learned) in enumerate(segs) if learned)
     target = segs[i][0].removesuffix("<end_of_turn>")
     return "".join(text for text, _ in segs[:i]), target
@@ -266,8 +270,10 @@ def tokenize(
     mask_prompt: bool = True,
     add_eos: bool = True,
     source: str = "<records>",
+    lines: list[int] | None = None,
 ) -> SFTData:
-    """Records -> SFTData. Errors name the record (source:index), the missing field and the format."""
+    """Records -> SFTData. Errors name the record (source:line with `lines`, the records' line numbers
+    in the file; else source: record index), the missing field and the format."""
     if not records:
         raise ValueError(f"{source} holds no records: the dataset is empty")
     if format not in FORMATS:
@@ -287,16 +293,17 @@ def tokenize(
     # Chat replies already end in <end_of_turn>, the stop token of a chat model.
     eos_id = tok.eos_id if add_eos and fmt != "chat" else None
     for i, record in enumerate(records):
+        where = f"{source}:{lines[i]}: record {i + 1}" if lines else f"{source}: record {i + 1}"
         try:
-            segs = segments(record, fmt, template)
+            segs = segments(record, fmt, template, tok=tok)
         except KeyError as e:
             need = template_fields(template) if fmt == "template" else list(REQUIRED[fmt])
             raise ValueError(
-                f"{source}: record {i + 1} has no {e.args[0]!r} field, which the {fmt} format needs "
+                f"{where} has no {e.args[0]!r} field, which the {fmt} format needs "
                 f"(fields {need}); it has {sorted(record)}"
             ) from None
         except ValueError as e:
-            raise ValueError(f"{source}: record {i + 1}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         ids, labels, truncated = encode(segs, tok, max_len=max_len, mask_prompt=mask_prompt, eos_id=eos_id)
         data.n_truncated += truncated
         # The model predicts labels[1:] (shifted inside), so a label on position 0 alone counts for nothing.
@@ -321,8 +328,9 @@ def tokenize(
 
 
 def load_dataset(path: str | os.PathLike, tok, **kwargs) -> SFTData:
-    """read_jsonl + tokenize; keyword arguments as tokenize()."""
-    return tokenize(read_jsonl(path), tok, source=str(path), **kwargs)
+    """read_jsonl + tokenize; keyword arguments as tokenize(). Errors name the file and line."""
+    lines, records = zip(*_numbered_records(path), strict=True)
+    return tokenize(list(records), tok, source=str(path), lines=list(lines), **kwargs)
 
 
 # -----------------------------------------------------------------------------

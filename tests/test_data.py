@@ -22,6 +22,7 @@ from minilora.data import (
     read_jsonl,
     tokenize,
 )
+from minilora.tokenizer import Tokenizer
 
 
 class CharTokenizer:
@@ -37,6 +38,9 @@ class CharTokenizer:
     def decode(self, ids):
         inv = {v: k for k, v in self.SPECIAL.items()}
         return "".join(inv[i] if i in inv else chr(i - 10) for i in ids)
+
+    # Gemma's chat template and its rules: the real tokenizer's, which needs only the turn ids above
+    apply_chat_template = Tokenizer.apply_chat_template
 
 
 TOK = CharTokenizer()
@@ -96,7 +100,7 @@ def test_chat_learns_model_turns_only_and_follows_gemma_template():
     )
     assert ids[0] == TOK.bos_id and TOK.decode(ids[1:]) == expected  # one <bos>, no <eos> after the chat
     assert learned_text(labels) == "Hello<end_of_turn>Later<end_of_turn>"
-    prompt, target = prompt_and_target({"messages": messages}, "chat")
+    prompt, target = prompt_and_target({"messages": messages}, "chat", tok=TOK)
     assert prompt.endswith("<start_of_turn>model\n") and target == "Hello"
 
 
@@ -214,8 +218,30 @@ def test_missing_field_names_the_field_and_the_format(tmp_path):
         tokenize([{"question": "x"}], TOK)
     with pytest.raises(ValueError, match="at least one assistant/model message"):
         tokenize([{"messages": [{"role": "user", "content": "hi"}]}], TOK)
-    with pytest.raises(ValueError, match="unknown chat role 'bot'"):
+    with pytest.raises(ValueError, match="unknown role 'bot'"):
         tokenize([{"messages": [{"role": "bot", "content": "hi"}]}], TOK)
+
+
+def test_chat_records_follow_the_templates_rules(tmp_path):
+    # The rules of Gemma's template (Tokenizer.apply_chat_template, used at generation time too),
+    # with the file and line of the record.
+    user, model = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+    late_system = {"messages": [user, model, {"role": "system", "content": "c"}, model]}
+    model_first = {"messages": [model, user, model]}
+    two_users = {"messages": [user, user, model]}
+    good = json.dumps({"messages": [user, model]})
+    p = write(tmp_path, [good, "", json.dumps(late_system)])
+    with pytest.raises(
+        ValueError, match=r"d\.jsonl:3: record 2: message 2: a system message is only allowed first"
+    ):
+        load_dataset(p, TOK)
+    for record in (model_first, two_users):
+        p = write(tmp_path, [good, json.dumps(record)])
+        with pytest.raises(ValueError, match=r"d\.jsonl:2: record 2: message \d has role .* must alternate"):
+            load_dataset(p, TOK)
+    no_chat = type("NoChatTokenizer", (), {"bos_id": 2, "eos_id": 1, "encode": CharTokenizer.encode})()
+    with pytest.raises(ValueError, match="needs a tokenizer with apply_chat_template"):
+        tokenize([{"messages": [user, model]}], no_chat)
 
 
 def test_empty_dataset_and_bad_templates(tmp_path):
@@ -233,7 +259,7 @@ def test_empty_dataset_and_bad_templates(tmp_path):
 
 @pytest.mark.slow
 def test_real_tokenizer_chat_and_prompt_encoding():
-    """With Gemma's own tokenizer: the chat segments spell exactly Tokenizer.apply_chat_template's
+    """With Gemma's own tokenizer: the chat segments give exactly the ids of Tokenizer.apply_chat_template's
     text, a sequence starts with a single <bos>, and the learned tokens are the model turns."""
     from minilora.gguf import default_model_dir
     from minilora.tokenizer import Tokenizer
@@ -249,9 +275,8 @@ def test_real_tokenizer_chat_and_prompt_encoding():
     data = tokenize([{"messages": messages}], tok)
     ids, labels = data[0]
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-    assert tok.decode(ids) == tok.decode(
-        tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
-    )
+    # the same token ids as encoding the whole text at once (segments never split a token differently)
+    assert ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
     assert [x for x in labels if x != IGNORE] == tok.encode("4<end_of_turn>6<end_of_turn>", add_bos=False)
     ids, labels = tokenize([{"prompt": "Date 2039-02-10 in words:", "completion": " the 10th"}], tok)[0]
     assert ids.count(tok.bos_id) == 1 and ids[-1] == tok.eos_id
