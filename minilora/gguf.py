@@ -280,8 +280,12 @@ def sentencepiece_model(reader) -> bytes:
     }
     unk = special["unknown"]
     # SentencePiece needs exactly one UNKNOWN piece, at unk_id; some GGUF files mark <unk> CONTROL.
-    if [i for i, t in enumerate(types) if t == _UNKNOWN and i != unk]:
-        raise ValueError("the GGUF tokenizer marks more than one piece as unknown")
+    stray = [i for i, t in enumerate(types) if t == _UNKNOWN and i != unk]
+    if stray:
+        raise ValueError(
+            f"the GGUF tokenizer types piece {stray[0]} ({tokens[stray[0]]!r}) as unknown, but "
+            f"tokenizer.ggml.unknown_token_id is {unk}; SentencePiece allows one unknown piece, at that id"
+        )
     types[unk] = _UNKNOWN
 
     pieces = bytearray()

@@ -47,7 +47,7 @@ SCORES = [-1000.0] * (len(SPECIAL) + len(USER)) + [0.0] * 256 + [-float(i) for i
 V = len(TOKENS)
 
 
-def write_gguf(path, arch="gemma3", seed=0):
+def write_gguf(path, arch="gemma3", seed=0, token_types=TYPES):
     """Write a tiny Gemma 3 GGUF; return {hf_name: (original float32 array, stored type, is_norm)}."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -66,7 +66,7 @@ def write_gguf(path, arch="gemma3", seed=0):
     w.add_tokenizer_pre("default")
     w.add_token_list(TOKENS)
     w.add_token_scores(SCORES)
-    w.add_token_types(TYPES)
+    w.add_token_types(token_types)
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
     w.add_unk_token_id(3)
@@ -209,6 +209,68 @@ def test_other_architecture_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="'llama'.*Gemma 3"):
         mg.convert(tmp_path / "llama.gguf", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.gguf"]  # nothing half-written left
+
+
+def test_unknown_piece_elsewhere_than_unknown_token_id(tmp_path):
+    token_types = list(TYPES)
+    token_types[TOKENS.index("<mask>")] = 2  # typed unknown, but tokenizer.ggml.unknown_token_id is 3
+    write_gguf(tmp_path / "t.gguf", token_types=token_types)
+    with pytest.raises(
+        ValueError, match=r"types piece 4 \('<mask>'\) as unknown, but .*unknown_token_id is 3"
+    ):
+        mg.convert(tmp_path / "t.gguf", tmp_path / "out")
+
+
+# gemma3_config's branches for metadata the tiny file does not have (the 4B+ and 27B files), read
+# from a stand-in for GGUFReader: `fields[key].contents()` and `tensors[i].name` are all it uses.
+def fake_reader(meta=(), tensors=("token_embd.weight",)):
+    meta = {
+        "general.architecture": "gemma3", "gemma3.block_count": LAYERS, "gemma3.embedding_length": D,
+        "gemma3.attention.head_count": HEADS, "gemma3.attention.head_count_kv": KV,
+        "gemma3.attention.key_length": HD, "gemma3.feed_forward_length": FF,
+        "gemma3.attention.sliding_window": WINDOW, "gemma3.rope.freq_base": 1e6,
+        "gemma3.context_length": CTX, "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+        "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.padding_token_id": 0, **dict(meta),
+    }  # fmt: skip
+    fields = {k: types.SimpleNamespace(contents=lambda v=v: v) for k, v in meta.items()}
+    return types.SimpleNamespace(fields=fields, tensors=[types.SimpleNamespace(name=n) for n in tensors])
+
+
+def test_config_per_layer_kv_heads_and_bool_pattern():
+    sliding = [True, True, False, True, True, False]
+    cfg = mg.gemma3_config(
+        fake_reader({"gemma3.attention.head_count_kv": [2] * LAYERS,
+                     "gemma3.attention.sliding_window_pattern": sliding})
+    )  # fmt: skip
+    assert cfg["num_key_value_heads"] == 2
+    assert cfg["sliding_window_pattern"] == 3
+    assert cfg["layer_types"] == ["sliding_attention" if s else "full_attention" for s in sliding]
+    with pytest.raises(ValueError, match=r"per-layer attention.head_count_kv \[2, 1, 2"):
+        mg.gemma3_config(fake_reader({"gemma3.attention.head_count_kv": [2, 1, 2, 2, 2, 2]}))
+
+
+def test_config_27b_query_scale_linear_rope_and_untied_head():
+    # Gemma 3 27B: 62 layers, head_dim 128 but queries scaled by (5376 / 32) ** -0.5 = 168 ** -0.5.
+    cfg = mg.gemma3_config(
+        fake_reader({"gemma3.block_count": 62, "gemma3.embedding_length": 5376,
+                     "gemma3.attention.head_count": 32, "gemma3.attention.key_length": 128,
+                     "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0})
+    )  # fmt: skip
+    assert (cfg["query_pre_attn_scalar"], cfg["head_dim"]) == (168, 128)
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    config = minilora.gemma.GemmaConfig.from_hf(cfg)  # linear scaling on the full layers only
+    assert (config.rope_scaling_factor, config.rope_local_scaling_factor) == (8.0, 1.0)
+    assert config.query_pre_attn_scalar == 168
+    small = mg.gemma3_config(fake_reader())
+    assert small["query_pre_attn_scalar"] == HD and small["rope_scaling"] is None
+    with pytest.raises(ValueError, match="rope scaling 'yarn'"):
+        mg.gemma3_config(fake_reader({"gemma3.rope.scaling.type": "yarn"}))
+    # A file with its own output.weight: an untied head, which the weights must then include.
+    untied = mg.gemma3_config(fake_reader(tensors=("token_embd.weight", "output.weight")))
+    assert untied["tie_word_embeddings"] is False and small["tie_word_embeddings"] is True
+    assert mg._expected_shapes(untied)["lm_head.weight"] == (V, D)
+    assert "lm_head.weight" not in mg._expected_shapes(small)
 
 
 def test_existing_folder_and_overwrite(tiny, tmp_path):
