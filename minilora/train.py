@@ -128,11 +128,11 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     # 1) linear warmup for warmup_steps steps
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
-    # 2) past the end, the floor
-    if step >= total_steps:
+    # 2) from the last step that runs (total_steps - 1) on, the floor
+    if step >= total_steps - 1:
         return min_lr
     # 3) in between, cosine decay from lr down to min_lr
-    ratio = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    ratio = (step - config.warmup_steps) / (total_steps - 1 - config.warmup_steps)  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (config.lr - min_lr)
 
@@ -248,7 +248,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    out: Path, model: nn.Module, optimizer, scaler, step: int, position, settings: dict
+    out: Path, model: nn.Module, optimizer, scaler, step: int, position, settings: dict, train_s: float
 ) -> None:
     """Write out/checkpoint atomically: a temp folder, then renames (all ranks call this)."""
     rank, world = _world()
@@ -262,6 +262,7 @@ def save_checkpoint(
         save_adapter(model, tmp)
         state = {
             "step": step,
+            "train_s": train_s,
             "data_position": {"epoch": position[0], "offset": position[1]},
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -288,8 +289,9 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: dict) -> int:
-    """Restore a run; refuses a checkpoint whose settings differ from this run's. Returns its step."""
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: dict) -> tuple[int, float]:
+    """Restore a run; refuses a checkpoint whose settings differ from this run's. Returns its step
+    and the seconds spent in training steps up to it."""
     rank, world = _world()
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
     if state["fingerprint"] != fingerprint(settings):
@@ -323,7 +325,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: d
         scaler.load_state_dict(state["scaler"])
     rng = ckpt / f"rng_rank{rank}.pt"
     _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
-    return int(state["step"])
+    return int(state["step"]), float(state.get("train_s", 0.0))
 
 
 def _diverged(what: str, out: Path) -> TrainingDiverged:
@@ -409,14 +411,14 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     metrics_path = out / "metrics.jsonl"
 
     # 1) fresh start or resume
-    start = 0
+    start, train_s = 0, 0.0
     ckpt = find_checkpoint(out)
     if config.resume:
         if ckpt is None:
             raise FileNotFoundError(
                 f"resume: {out} holds no checkpoint to continue; drop resume to start afresh"
             )
-        start = load_checkpoint(ckpt, model, optimizer, scaler, settings)
+        start, train_s = load_checkpoint(ckpt, model, optimizer, scaler, settings)
         log.info("resumed from %s at step %d", ckpt, start)
     else:
         if ckpt is not None and not config.overwrite:
@@ -428,8 +430,8 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_metrics_upto(metrics_path, start if config.resume else -1)
-        if not config.resume:  # overwrite: a crash before the first save must not leave the old run to resume
-            for old in (out / "checkpoint", out / ".checkpoint.old"):
+        if not config.resume:  # overwrite: a crash must leave nothing of the old run to resume or use
+            for old in (out / "checkpoint", out / ".checkpoint.old", out / "adapter"):
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
@@ -465,7 +467,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     model.train()
     # (seconds, tokens) of the last 10 steps, eval and saving excluded: speed and ETA from recent steps
     recent: deque[tuple[float, int]] = deque(maxlen=10)
-    train_s, loss, eval_loss = 0.0, float("nan"), None
+    loss, eval_loss = float("nan"), None
     for step in range(start, total_steps):
         t_step = time.perf_counter()
         lr = lr_at(step, config, total_steps)
@@ -531,7 +533,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
             )
             log_line(info)
         if (config.save_every and done % config.save_every == 0) or done == total_steps:
-            save_checkpoint(out, model, optimizer, scaler, done, sampler.position(done), settings)
+            save_checkpoint(out, model, optimizer, scaler, done, sampler.position(done), settings, train_s)
 
     # 4) the final adapter, in peft's format
     adapter_dir = out / "adapter"

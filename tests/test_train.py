@@ -95,7 +95,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     lrs = [lr_at(s, c, 20) for s in range(22)]
     assert lrs[:4] == [0.2, 0.4, 0.6, 0.8]  # (1) warmup
     assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:20], lrs[5:20], strict=False))  # (2) cosine
-    assert lrs[20] == lrs[21] == pytest.approx(0.1)  # (3) floor
+    assert lrs[18] > 0.1 and lrs[19] == pytest.approx(0.1)  # (3) the floor, on step 19: the last that runs
+    assert lrs[20] == lrs[21] == pytest.approx(0.1)
 
 
 def test_padding_does_not_change_an_examples_loss():
@@ -132,6 +133,7 @@ def test_loss_goes_down_and_only_the_adapter_changes(tmp_path):
     assert m[0]["step"] == 0 and "loss" not in m[0]  # held-out loss before training
     assert m[-1]["eval_loss"] < 0.5 * m[0]["eval_loss"]
     assert m[-1]["loss"] < 0.5 * m[1]["loss"]
+    assert m[-1]["lr"] == pytest.approx(3e-2 * 0.1)  # the cosine's floor, reached on the last step run
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
     # the final adapter is in peft's format and loads back into a fresh model
     fresh = tiny_model(seed=1, targets="all-linear")  # noqa: F821
@@ -194,6 +196,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     train(model, TOK, d, ev, cfg(tmp_path / "cut", steps=7, save_every=2, eval_every=3, resume=True))
     assert metrics(tmp_path / "cut" / "run") == metrics(tmp_path / "full" / "run")
     assert [m["step"] for m in metrics(tmp_path / "full" / "run")] == list(range(8))
+    # training seconds go on from the checkpoint's (step 4's) count
+    seconds = [m["train_s"] for m in metrics(tmp_path / "cut" / "run", keys=("train_s",)) if m]
+    assert len(seconds) == 7 and seconds == sorted(seconds)
     a, b = (tmp_path / d / "run" / "adapter" / "adapter_model.safetensors" for d in ("full", "cut"))
     assert a.read_bytes() == b.read_bytes()
 
@@ -254,6 +259,19 @@ def test_resume_after_a_half_written_metrics_line(tmp_path, caplog):
     path.write_text("\n".join([lines[0][:-3], *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not a metrics line .* delete that line"):
         train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+
+
+def test_overwrite_removes_the_old_run_up_front(tmp_path):
+    d = data(8)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    assert (tmp_path / "run" / "adapter").is_dir()
+
+    def die(info):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):  # the new run dies before its first save
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, overwrite=True), callback=die)  # noqa: F821
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
