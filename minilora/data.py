@@ -236,7 +236,7 @@ class SFTData:
     format: str = "text"
     # Template of the "template" format, else None.
     template: str | None = None
-    # Records read, records cut at max_len, records dropped because no label token was left.
+    # Records read; kept examples cut at max_len; records dropped because no label token was left.
     n_records: int = 0
     n_truncated: int = 0
     n_skipped: int = 0
@@ -256,7 +256,8 @@ class SFTData:
         n_labels = sum(sum(1 for x in labels if x != IGNORE) for _, labels in self.examples)
         return (
             f"{len(self)} examples ({self.format}), {n_tokens} tokens, {n_labels} with loss; "
-            f"{self.n_truncated} truncated, {self.n_skipped} skipped (no completion token left)"
+            f"truncated: {self.n_truncated} of the examples; "
+            f"skipped: {self.n_skipped} of {self.n_records} records (no completion token left)"
         )
 
 
@@ -305,11 +306,11 @@ def tokenize(
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         ids, labels, truncated = encode(segs, tok, max_len=max_len, mask_prompt=mask_prompt, eos_id=eos_id)
-        data.n_truncated += truncated
         # The model predicts labels[1:] (shifted inside), so a label on position 0 alone counts for nothing.
         if all(x == IGNORE for x in labels[1:]):
             data.n_skipped += 1
             continue
+        data.n_truncated += truncated
         data.examples.append((ids, labels))
         data.records.append(record)
     if data.n_skipped:

@@ -125,10 +125,12 @@ def test_truncation_and_skipping_are_counted():
         {"prompt": "p", "completion": "ok"},
     ]
     data = tokenize(records, TOK, max_len=8)
-    assert (data.n_records, data.n_truncated, data.n_skipped, len(data)) == (3, 2, 1, 2)
+    # the skipped record was cut too, but it is counted once, as skipped
+    assert (data.n_records, data.n_truncated, data.n_skipped, len(data)) == (3, 1, 1, 2)
     assert all(len(ids) <= 8 for ids, _ in data.examples)
     assert data.records == [records[0], records[2]]
-    assert "2 truncated, 1 skipped" in data.summary()
+    assert data.summary().startswith("2 examples (prompt_completion)")
+    assert "truncated: 1 of the examples; skipped: 1 of 3 records" in data.summary()
 
 
 def test_collate_right_pads_with_pad_id_and_ignored_labels():
