@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import minilora as ml
 from minilora import gemma
@@ -336,6 +337,37 @@ def test_labels_path_gradient_equals_full_logits_path(tmp_path):
     assert set(ours) == set(full) and all(n.endswith(("lora_A", "lora_B")) for n in ours)
     for name in ours:
         torch.testing.assert_close(ours[name], full[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+class HeadRows(TorchDispatchMode):
+    """Records the rows of every matrix product whose output is vocabulary-wide: the output head's."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aten = torch.ops.aten
+        if func.overloadpacket in (aten.mm, aten.addmm, aten.bmm, aten.matmul) and out.shape[-1] == VOCAB:
+            self.rows.append(out.shape[:-1].numel())
+        return out
+
+
+def test_output_head_runs_only_at_labelled_positions(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma2")
+    model = gemma.from_pretrained(path)
+    ids = ids_for(B=2, T=11)
+    labels = ids.clone()
+    labels[0, :7] = -100  # a long masked prompt
+    labels[1, 9:] = -100  # right padding
+    with torch.no_grad(), HeadRows() as full:
+        model(ids)
+    assert full.rows == [2 * 11]  # the recorder sees the head: every position without labels
+    with torch.no_grad(), HeadRows() as labelled:
+        model(ids, labels)
+    # Position t predicts labels[t + 1]: (11 - 7) + (9 - 1) = 12 positions carry a label.
+    assert labelled.rows == [int((labels[:, 1:] != -100).sum())] == [12]
 
 
 def test_right_padding_does_not_change_earlier_positions(tmp_path):
