@@ -286,10 +286,6 @@ def tokenize(
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 tokens, got {max_len}")
     fmt = detect_format(records[0], template) if format == "auto" else format
-    if fmt == "template" and template is None:
-        raise ValueError(
-            "format='template' needs a template, e.g. '### context: {input}\\n### answer: {target}'"
-        )
     data = SFTData(examples=[], format=fmt, template=template, n_records=len(records))
     # Chat replies already end in <end_of_turn>, the stop token of a chat model.
     eos_id = tok.eos_id if add_eos and fmt != "chat" else None

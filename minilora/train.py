@@ -11,8 +11,8 @@ Scale-out is torch.distributed (DDP; the caller, e.g. torchrun + init_process_gr
 only the adapter's parameters are synchronised, rank 0 writes every file and calls the callback.
 
 A checkpoint (out_dir/checkpoint/) holds the adapter, the optimizer (+ grad scaler) state, each
-rank's RNG state, the step and the data position, and the run's settings with their fingerprint.
-It is written to a temp folder and swapped in with renames, so a crash never leaves a half
+rank's RNG state, the step, the seconds trained so far, and the run's settings with their
+fingerprint (base weights included). It is written to a temp folder and swapped in with renames, so a crash never leaves a half
 checkpoint. The learning rate is a function of the step and the data order a function of the step,
 so resuming continues the exact run: the resumed run logs the numbers the uninterrupted one logs.
 """
@@ -248,7 +248,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    out: Path, model: nn.Module, optimizer, scaler, step: int, position, settings: dict, train_s: float
+    out: Path, model: nn.Module, optimizer, scaler, step: int, settings: dict, train_s: float
 ) -> None:
     """Write out/checkpoint atomically: a temp folder, then renames (all ranks call this)."""
     rank, world = _world()
@@ -263,7 +263,6 @@ def save_checkpoint(
         state = {
             "step": step,
             "train_s": train_s,
-            "data_position": {"epoch": position[0], "offset": position[1]},
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "settings": settings,
@@ -533,7 +532,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
             )
             log_line(info)
         if (config.save_every and done % config.save_every == 0) or done == total_steps:
-            save_checkpoint(out, model, optimizer, scaler, done, sampler.position(done), settings, train_s)
+            save_checkpoint(out, model, optimizer, scaler, done, settings, train_s)
 
     # 4) the final adapter, in peft's format
     adapter_dir = out / "adapter"

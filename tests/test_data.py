@@ -255,6 +255,8 @@ def test_empty_dataset_and_bad_templates(tmp_path):
         tokenize([{"a": 1}], TOK, template="no fields here")
     with pytest.raises(ValueError, match="malformed"):
         tokenize([{"a": 1}], TOK, template="{a")
+    with pytest.raises(ValueError, match="format='template' needs a template"):
+        tokenize([{"a": 1}], TOK, format="template")
     with pytest.raises(ValueError, match="no example has a completion token left"):
         tokenize([{"prompt": "long prompt", "completion": "x"}], TOK, max_len=4)
 
