@@ -26,7 +26,10 @@ class LoRAConfig:
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # Modules never to wrap, even when a target matches them: a list of names (same matching) or a regex.
     exclude: list[str] | str | None = None
-    # Only wrap modules inside these layer indices (the number after `layers.`/`h.`/`blocks.`); None = all.
+    # Only wrap modules inside these layer indices; None = all. A module's layer index is peft's
+    # (layers_to_transform without layers_pattern): the first number that is a whole dotted segment
+    # after two or more others, `model.layers.3.mlp.up_proj` -> 3, `encoder.block.1.layer.0.wi` -> 1.
+    # A name with no such number (a top-level `layers.3.fc`) is in no layer: use a regex target there.
     layers: list[int] | None = None
     # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
     use_rslora: bool = False
@@ -54,18 +57,14 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported; use bias='none'")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if not self.targets:
+            raise ValueError(
+                "LoRAConfig.targets is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj']"
+            )
         if isinstance(self.targets, str):
-            if not self.targets:
-                raise ValueError(
-                    "LoRAConfig.targets is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj']"
-                )
             if self.targets != "all-linear":
                 _compile(self.targets, "targets")
         elif isinstance(self.targets, list):
-            if not self.targets:
-                raise ValueError(
-                    "LoRAConfig.targets is empty; name the modules to adapt, e.g. ['q_proj', 'v_proj']"
-                )
             bad = [t for t in self.targets if not isinstance(t, str) or not t]
             if bad:
                 raise ValueError(f"LoRAConfig.targets entries must be non-empty strings, got {bad!r}")
@@ -80,17 +79,22 @@ class LoRAConfig:
                 self.layers = [self.layers]
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
                 raise ValueError(f"LoRAConfig.layers must be non-negative layer indices, got {self.layers!r}")
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for key, value in pattern.items():
-                _compile(key, name)
-                if not value > 0:
-                    raise ValueError(f"LoRAConfig.{name}[{key!r}] must be > 0, got {value!r}")
+        for key, value in self.rank_pattern.items():
+            _compile(key, "rank_pattern")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"LoRAConfig.rank_pattern[{key!r}] must be > 0 and an integer (a rank), got {value!r}"
+                )
+        for key, value in self.alpha_pattern.items():
+            _compile(key, "alpha_pattern")
+            if isinstance(value, bool) or not value > 0:
+                raise ValueError(f"LoRAConfig.alpha_pattern[{key!r}] must be > 0, got {value!r}")
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
         """The (r, alpha) for the module called `name`, after rank_pattern/alpha_pattern."""
         r = self.rank_pattern.get(match_pattern_key(self.rank_pattern, name), self.r)
         alpha = self.alpha_pattern.get(match_pattern_key(self.alpha_pattern, name), self.alpha)
-        return int(r), float(alpha)
+        return r, float(alpha)
 
 
 def match_pattern_key(patterns: dict, name: str) -> str | None:

@@ -19,12 +19,12 @@ from torch import nn
 from minilora.config import LoRAConfig
 from minilora.lora import LoRALinear
 
-# The number after the first `layers.` / `h.` / `blocks.` / `layer.` in a dotted name.
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-
 
 def layer_index(name: str) -> int | None:
-    m = _LAYER_INDEX.search(name)
+    """peft's layer index (layers_to_transform with no layers_pattern): the first number that is a
+    whole dotted segment after two or more others. "model.layers.3.mlp.up_proj" -> 3,
+    "encoder.block.1.layer.0.wi" -> 1, "layers.3.fc" -> None."""
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -110,7 +110,9 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     wrapped = [n for n in selected if isinstance(modules[n], LoRALinear)]
     if wrapped:
         raise ValueError(
-            f"already has LoRA (inject twice?): {', '.join(wrapped[:5])}; load or unwrap instead"
+            f"already has LoRA (inject twice?): {', '.join(wrapped[:5])}. To replace their adapter "
+            "weights use minilora.load_adapter(model, dir); to adapt other modules, leave these out of "
+            "targets"
         )
     not_linear = [
         f"{n} ({type(modules[n]).__name__})" for n in selected if not isinstance(modules[n], nn.Linear)
@@ -121,7 +123,24 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             + ", ".join(not_linear[:5])
             + ". Name the projections inside them instead."
         )
+    check_unshared(model, selected)
     return selected
+
+
+def check_unshared(model: nn.Module, names: list[str]) -> None:
+    """Refuse LoRA on a Linear whose weight another module also uses (a head tied to the embedding):
+    merging would write W + dW into the other module's weight too."""
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    for n in names:
+        others = [o for o in owners[id(model.get_submodule(n).weight)] if o != n]
+        if others:
+            raise ValueError(
+                f"{n} shares its weight with {', '.join(others)} (tied embeddings); LoRA on it would "
+                "change that module too when merged. Drop it from the targets or untie the weights first"
+            )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -165,14 +184,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied parameter counts once."""
-    params = {id(p): p for p in model.parameters()}.values()
+    params = list(model.parameters())  # parameters() lists a tied parameter once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its base weight (idempotent). Forward then costs nothing extra."""
-    for _, m in lora_layers(model):
-        m.merge()
+    for n, m in lora_layers(model):
+        try:
+            m.merge()
+        except ValueError as e:
+            raise ValueError(f"{n}: {e}") from None
 
 
 def unmerge(model: nn.Module) -> None:
@@ -202,16 +224,21 @@ def disabled(model: nn.Module):
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict (its own key names) with every adapter folded into its weight
-    (float32 sum, rounded once) and no LoRA keys: ready for safetensors.save_file."""
-    out = {}
+    (LoRALinear.merged_weight) and no LoRA keys: ready for safetensors.save_file. A tensor shared
+    under two names (an output head tied to the embedding) is kept once, under its first name, as
+    Hugging Face checkpoints have `model.embed_tokens.weight` and no `lm_head.weight`."""
+    out, seen = {}, set()
     layers = dict(lora_layers(model))
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict(keep_vars=True).items():
         module_name, _, leaf = key.rpartition(".")
         layer = layers.get(module_name)
-        if layer is not None and leaf in ("lora_A", "lora_B"):
+        if id(value) in seen or (layer is not None and leaf in ("lora_A", "lora_B")):
             continue
+        seen.add(id(value))
         if layer is not None and leaf == "weight" and not layer.merged:
-            delta = layer.delta_weight()
-            value = (value.to(delta.dtype) + delta).to(value.dtype)
-        out[key] = value
+            try:
+                value = layer.merged_weight()
+            except ValueError as e:
+                raise ValueError(f"{module_name}: {e}") from None
+        out[key] = value.detach().contiguous()
     return out

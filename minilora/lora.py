@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.config import INITS
+
 # "auto": the fused Triton kernel for CUDA tensors, plain PyTorch otherwise. "torch" or "triton"
 # forces a path (on CPU the Triton path needs TRITON_INTERPRET=1). Set by MINILORA_BACKEND or set_backend().
 BACKENDS = ("auto", "torch", "triton")
@@ -70,8 +72,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"LoRA init must be 'kaiming' or 'gaussian', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r
         self.set_scaling(alpha, use_rslora)
@@ -125,21 +127,36 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """dW = scaling * B @ A in float32 (float64 for float64 adapters), shape (out, in): the one
-        source of the update."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        """dW = scaling * B @ A, shape (out, in): the one source of the update. Computed in float32,
+        or float64 where the adapters or the base weight are float64."""
+        dtype = torch.promote_types(torch.promote_types(self.lora_A.dtype, self.weight.dtype), torch.float32)
         return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + dW, summed in the wider of float32/W's dtype and rounded once to W's dtype (merge and
+        merged_state_dict both use this). Raises ValueError if the rounded result is not finite: a
+        NaN in A/B, or a finite float32 sum that overflows a float16 W."""
+        w0 = self._unmerged_weight if self.merged else self.weight
+        delta = self.delta_weight()
+        merged = (w0.to(delta.dtype) + delta).to(w0.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"merging this LoRA update would put NaN/Inf values in the {w0.dtype} base weight "
+                "(NaN/Inf in lora_A/lora_B, or W + dW out of the dtype's range); refusing to merge"
+            )
+        return merged
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """W <- W0 + dW, computed in float32 and rounded once. A no-op when already merged."""
+        """W <- W0 + dW (see merged_weight). A no-op when already merged. Keeps a copy of W0 so that
+        unmerge is bit-exact: while merged, each adapted weight takes twice its memory;
+        minilora.merged_state_dict exports merged weights without that copy."""
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError("LoRA update has NaN/Inf values; refusing to merge it into the base weight")
+        merged = self.merged_weight()
         self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+        self.weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()

@@ -167,8 +167,9 @@ def test_non_linear_target_and_double_injection_are_errors():
         ml.inject(tiny(), ml.LoRAConfig(targets=["embed_tokens"]))
     model = tiny()
     ml.inject(model, ml.LoRAConfig(targets=["q_proj"]))
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match="already has LoRA") as e:
         ml.inject(model, ml.LoRAConfig(targets=["q_proj", "k_proj"]))
+    assert "unwrap" not in str(e.value) and "minilora.load_adapter(model, dir)" in str(e.value)
     assert not isinstance(model.model.layers[0].self_attn.k_proj, ml.LoRALinear)
 
 
@@ -188,6 +189,9 @@ def test_non_linear_target_and_double_injection_are_errors():
         (dict(bias="all"), "bias='all' is not supported"),
         (dict(layers=[-1]), "non-negative layer indices"),
         (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be > 0"),
+        (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\] must be > 0 and an integer"),
+        (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be > 0 and an integer"),
+        (dict(alpha_pattern={"q_proj": 0}), r"alpha_pattern\['q_proj'\] must be > 0"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -237,18 +241,84 @@ def test_disabled_restores_on_exception():
     assert not any(m.disabled for m in model.modules() if isinstance(m, ml.LoRALinear))
 
 
-def test_merged_state_dict_has_base_keys_and_folded_weights():
+def test_merged_state_dict_has_base_keys_and_folded_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     model = tiny()
     base_keys = set(model.state_dict())
     ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj", "down_proj"]))
     randomize(model)
     out = model(IDS)
     sd = ml.merged_state_dict(model)
-    assert set(sd) == base_keys
+    # The tied head shares the embedding's tensor: kept once, under the embedding's name (as in
+    # Hugging Face checkpoints), so safetensors can write it.
+    assert set(sd) == base_keys - {"lm_head.weight"}
     q = model.model.layers[1].self_attn.q_proj
     assert torch.equal(sd["model.layers.1.self_attn.q_proj.weight"], q.weight + q.delta_weight())
+    save_file(sd, tmp_path / "merged.safetensors")
     fresh = tiny(seed=5)
-    fresh.load_state_dict(sd, strict=True)
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "merged.safetensors"), strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied: loaded through the embedding
     torch.testing.assert_close(fresh(IDS), out, rtol=1e-5, atol=1e-5)
     ml.merge(model)
     assert all(torch.equal(v, ml.merged_state_dict(model)[k]) for k, v in sd.items())
+
+
+def test_tied_output_head_is_refused_naming_both_modules():
+    for targets in (["lm_head", "q_proj"], "lm_head"):
+        model = tiny()
+        with pytest.raises(ValueError, match="lm_head shares its weight with model.embed_tokens"):
+            ml.inject(model, ml.LoRAConfig(targets=targets))
+        assert not any(isinstance(m, ml.LoRALinear) for m in model.modules())
+    untied = tiny()
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert ml.inject(untied, ml.LoRAConfig(targets=["lm_head"])) == ["lm_head"]
+
+
+class T5ish(nn.Module):
+    """encoder.block.{i}.layer.{j}.wi, as T5 names its modules."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(nn.Module() for _ in range(2))
+        for b in self.encoder.block:
+            b.layer = nn.ModuleList(nn.Module() for _ in range(2))
+            for sub in b.layer:
+                sub.wi = nn.Linear(d, d)
+
+    def forward(self, x):
+        for b in self.encoder.block:
+            for sub in b.layer:
+                x = torch.tanh(sub.wi(x))
+        return x
+
+
+def test_layer_index_is_peft_s():
+    # peft's rule without layers_pattern: the first whole-number segment after two or more others.
+    assert ml.inject(T5ish(), ml.LoRAConfig(targets=["wi"], layers=[0])) == [
+        "encoder.block.0.layer.0.wi",
+        "encoder.block.0.layer.1.wi",
+    ]
+    names = ml.inject(tiny(), ml.LoRAConfig(targets=["q_proj"], layers=[1]))
+    assert names == ["model.layers.1.self_attn.q_proj"]
+    flat = tiny().model  # top-level `layers.{i}`: no layer index under peft's rule
+    with pytest.raises(ValueError, match="remove all of them"):
+        ml.inject(flat, ml.LoRAConfig(targets=["q_proj"], layers=[0]))
+
+
+def test_rank_pattern_matches_on_a_dot_boundary_only():
+    model = tiny()
+    ml.inject(model, ml.LoRAConfig(r=4, targets=["q_proj"], rank_pattern={"proj": 2}))
+    assert all(m.r == 4 for m in model.modules() if isinstance(m, ml.LoRALinear))
+
+
+def test_merge_error_names_the_module():
+    model = tiny()
+    ml.inject(model, ml.LoRAConfig(targets=["q_proj"]))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_B.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj: .*NaN/Inf"):
+        ml.merge(model)
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj: .*NaN/Inf"):
+        ml.merged_state_dict(model)

@@ -135,6 +135,40 @@ def test_merge_refuses_non_finite_update():
     assert torch.equal(layer.weight, w) and not layer.merged
 
 
+def test_merge_checks_the_rounded_weight_not_just_the_update():
+    # A finite float32 update whose sum with W overflows float16 (max 65504) must not merge to inf.
+    base = nn.Linear(4, 4, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(60000.0)
+    layer = ml.LoRALinear(base, r=1, alpha=1)
+    with torch.no_grad():
+        layer.lora_A.fill_(100.0)
+        layer.lora_B.fill_(100.0)  # dW = 1e4 everywhere, finite in float32
+    assert torch.isfinite(layer.delta_weight()).all()
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"NaN/Inf values in the torch.float16 base weight"):
+        layer.merge()
+    assert torch.equal(layer.weight, w) and not layer.merged
+
+
+def test_float64_base_merges_in_float64():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, dtype=torch.float64)
+    w0 = base.weight.detach().clone()
+    layer = ml.LoRALinear(base, r=4, alpha=8)  # float32 adapters (the default)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    assert layer.delta_weight().dtype == torch.float64
+    x = torch.randn(5, 48, dtype=torch.float64)
+    y = layer(x)
+    layer.merge()
+    expected = w0 + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    assert torch.equal(layer.weight, expected)  # not rounded through float32
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-12)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
 def test_bf16_base_fp32_adapter_grads_reach_fp32_params():
     torch.manual_seed(0)
     layer = ml.LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=4)
