@@ -12,9 +12,10 @@ only the adapter's parameters are synchronised, rank 0 writes every file and cal
 
 A checkpoint (out_dir/checkpoint/) holds the adapter, the optimizer (+ grad scaler) state, each
 rank's RNG state, the step, the seconds trained so far, and the run's settings with their
-fingerprint (base weights included). It is written to a temp folder and swapped in with renames, so a crash never leaves a half
-checkpoint. The learning rate is a function of the step and the data order a function of the step,
-so resuming continues the exact run: the resumed run logs the numbers the uninterrupted one logs.
+fingerprint (base weights included). It is written to a temp folder and swapped in with renames,
+so a crash never leaves a half checkpoint. The learning rate and the data order are functions of
+the step, so resuming continues the exact run: the resumed run logs the numbers the uninterrupted
+one logs.
 """
 
 from __future__ import annotations
