@@ -154,9 +154,17 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     d = data(8)
-    train(tiny_model(), TOK, d, None, cfg(tmp_path / "a", steps=3))  # noqa: F821
-    model = tiny_model()  # noqa: F821
+    calls = {}
+
+    def counted(model, key):  # forward calls of the first layer: a pre-hook also sees the recompute
+        calls[key] = 0
+        model.model.layers[0].register_forward_pre_hook(lambda *_: calls.__setitem__(key, calls[key] + 1))
+        return model
+
+    train(counted(tiny_model(), "plain"), TOK, d, None, cfg(tmp_path / "a", steps=3))  # noqa: F821
+    model = counted(tiny_model(), "recomputed")  # noqa: F821
     train(model, TOK, d, None, cfg(tmp_path / "b", steps=3, grad_checkpointing=True))
+    assert calls == {"plain": 3, "recomputed": 3 * 2}  # 3 steps of one micro-batch; recomputed in backward
     assert model.gradient_checkpointing is False  # switched back off after the run
     for x, y in zip(metrics(tmp_path / "a" / "run"), metrics(tmp_path / "b" / "run"), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
@@ -167,6 +175,31 @@ def test_bf16_autocast_keeps_float32_adapters(tmp_path):
     train(model, TOK, data(4), None, cfg(tmp_path, steps=2, dtype="bfloat16"))
     assert all(m.lora_A.dtype == torch.float32 for _, m in lora_layers(model))
     assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+    # autocast is really on: the same first step in float32 gives another loss
+    train(tiny_model(), TOK, data(4), None, cfg(tmp_path / "f32", steps=1))  # noqa: F821
+    bf16, f32 = metrics(tmp_path / "run")[0]["loss"], metrics(tmp_path / "f32" / "run")[0]["loss"]
+    assert bf16 != f32 and bf16 == pytest.approx(f32, rel=1e-2)
+
+
+def test_float16_with_grad_scaler_runs_and_resumes_exactly(tmp_path):
+    d = data(8)
+    full = cfg(tmp_path / "full", steps=4, save_every=2, dtype="float16")
+    train(tiny_model(), TOK, d, None, full)  # noqa: F821
+    m = metrics(tmp_path / "full" / "run")
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and all(math.isfinite(x["loss"]) for x in m)
+    state = torch.load(tmp_path / "full" / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0  # the scaler's state is part of the checkpoint
+
+    def stop_at_3(info):
+        if info["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        c = cfg(tmp_path / "cut", steps=4, save_every=2, dtype="float16")
+        train(tiny_model(), TOK, d, None, c, callback=stop_at_3)  # noqa: F821
+    c = cfg(tmp_path / "cut", steps=4, save_every=2, dtype="float16", resume=True)
+    train(tiny_model(), TOK, d, None, c)  # noqa: F821
+    assert metrics(tmp_path / "cut" / "run") == m
 
 
 class Interrupt(Exception):
@@ -201,6 +234,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert len(seconds) == 7 and seconds == sorted(seconds)
     a, b = (tmp_path / d / "run" / "adapter" / "adapter_model.safetensors" for d in ("full", "cut"))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_resume_from_the_old_checkpoint_after_a_crash_between_the_renames(tmp_path):
+    d = data(12)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path / "full", steps=4, save_every=2))  # noqa: F821
+
+    def stop_at_3(info):
+        if info["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        c = cfg(tmp_path / "cut", steps=4, save_every=2)
+        train(tiny_model(), TOK, d, None, c, callback=stop_at_3)  # noqa: F821
+    # as a crash in save_checkpoint leaves it: the step-2 checkpoint moved aside, a half-written new one
+    run = tmp_path / "cut" / "run"
+    (run / "checkpoint").rename(run / ".checkpoint.old")
+    (run / ".checkpoint.tmp").mkdir()
+    train(tiny_model(), TOK, d, None, cfg(tmp_path / "cut", steps=4, save_every=2, resume=True))  # noqa: F821
+    assert metrics(run) == metrics(tmp_path / "full" / "run")
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint", "metrics.jsonl"]
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(tmp_path):
@@ -326,7 +379,7 @@ out = sys.argv[1]
 model = tiny_model()
 d = tokenize(records(16), CharTokenizer())
 train(model, CharTokenizer(), d, tokenize(records(6, seed=1), CharTokenizer()),
-      TrainConfig(out_dir=out, steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=2))
+      TrainConfig(out_dir=out, steps=4, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, eval_every=2))
 dist.destroy_process_group()
 """
 )
@@ -340,8 +393,9 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(script), str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # one process, the same global batch of 8 = 4 x 2 micro-batches
-    one = cfg(tmp_path / "one", steps=4, batch_size=4, grad_accum=2, eval_every=2)
+    # each process accumulates 2 micro-batches of 2 (DDP's no_sync on the first); one process, the same
+    # global batch of 8 = 4 micro-batches of 2
+    one = cfg(tmp_path / "one", steps=4, batch_size=2, grad_accum=4, eval_every=2)
     train(tiny_model(), TOK, data(16), tokenize(records(6, seed=1), TOK), one)  # noqa: F821
     a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "one" / "run")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4]
