@@ -12,33 +12,19 @@ import torch
 import minilora as ml
 from minilora import gemma
 from minilora.generate import generate_ids, main, next_token
+from tests._tiny import hf_tiny
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 300
-KINDS = {
-    "gemma1-mqa": ("GemmaConfig", "GemmaForCausalLM", dict(num_hidden_layers=2, num_key_value_heads=1)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(num_hidden_layers=4, num_key_value_heads=2, sliding_window=4)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(num_hidden_layers=6, num_key_value_heads=1, sliding_window=4)),
-}  # fmt: skip
+KINDS = ["gemma1-mqa", "gemma2", "gemma3"]  # tiny models of tests/_tiny.py: MQA, soft-capping, qk-norm
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """kind -> (transformers model, folder), tiny and random (norm weights too)."""
     out = {}
-    for kind, (config_cls, model_cls, settings) in KINDS.items():
-        config = getattr(transformers, config_cls)(
-            hidden_size=64, num_attention_heads=4, head_dim=16, intermediate_size=128, vocab_size=VOCAB,
-            attn_implementation="eager", **settings,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        model = getattr(transformers, model_cls)(config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.normal_(0.0, 0.2 if "norm" in name else 0.08)
+    for kind in KINDS:
+        model = hf_tiny(kind, std=0.08)
         path = tmp_path_factory.mktemp(kind)
         model.save_pretrained(path)
         out[kind] = (model, path)
@@ -55,13 +41,14 @@ class StubTokenizer:
         self.stop_ids = set(stop_ids)
 
     def encode(self, text, add_bos=True):
-        ids = [self.bos_id] if add_bos else []
+        ids = []
         for piece in re.split("(" + "|".join(map(re.escape, self.SPECIAL)) + ")", text):
             if piece in self.SPECIAL:
                 ids.append(self.SPECIAL[piece])
             else:
                 ids.extend(b + 4 for b in piece.encode())
-        return ids
+        # Tokenizer.encode's rule: with add_bos, exactly one <bos> first (a written one counts).
+        return [self.bos_id] + ids if add_bos and ids[:1] != [self.bos_id] else ids
 
     def decode(self, ids):
         names = {v: k for k, v in self.SPECIAL.items()}
@@ -73,10 +60,10 @@ class StubTokenizer:
         return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
 
-PROMPT = [2, 17, 99, 250, 3, 41, 7]  # 7 tokens; with 20 new ones, far past the window of 4
+PROMPT = [2, 17, 99, 250, 3, 41, 7]  # 7 tokens; with 20 new ones, far past the window of 5
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_greedy_with_cache_equals_recompute_and_transformers(checkpoints, kind):
     hf, path = checkpoints[kind]
     model = gemma.from_pretrained(path)
@@ -112,7 +99,19 @@ def test_text_prompt_and_chat_messages(checkpoints):
     assert ids[:2] == [2, 260] and ids.count(2) == 1  # one <bos>, even though the template writes it
     assert ml.generate(model, tok, messages, max_new_tokens=6) == tok.decode(generate_ids(model, ids, 6))
     with pytest.raises(TypeError, match="prompt string or a list of"):
-        ml.generate(model, tok, [{"text": "no role"}])
+        ml.generate(model, tok, {"role": "user", "content": "a dict, not a list"})
+
+
+def test_generate_stops_at_the_tokenizers_stop_ids(checkpoints):
+    model = gemma.from_pretrained(checkpoints["gemma3"][1])
+    prompt = StubTokenizer().encode("Hi there")
+    free = generate_ids(model, prompt, max_new_tokens=12)
+    k = first_new_index(free)
+    # The k-th new token plays <end_of_turn> (the stub's <eos> 1 stays a stop id as well): generate()
+    # reads tok.stop_ids, stops there and returns only the text before it.
+    tok = StubTokenizer(stop_ids={1, free[k]})
+    assert ml.generate(model, tok, "Hi there", max_new_tokens=12) == tok.decode(free[:k])
+    assert ml.generate(model, StubTokenizer(stop_ids=()), "Hi there", max_new_tokens=12) == tok.decode(free)
 
 
 def test_sampling_is_reproducible_with_a_seed(checkpoints):

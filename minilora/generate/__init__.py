@@ -110,14 +110,11 @@ def generate(
     new text only."""
     if isinstance(prompt_or_messages, str):
         text = prompt_or_messages
-    elif isinstance(prompt_or_messages, list) and all(
-        isinstance(m, dict) and {"role", "content"} <= set(m) for m in prompt_or_messages
-    ):
+    elif isinstance(prompt_or_messages, list):  # the chat template checks the messages
         text = tok.apply_chat_template(prompt_or_messages, add_generation_prompt=True)
     else:
         raise TypeError('generate takes a prompt string or a list of {"role": ..., "content": ...} messages')
-    # A chat template may write <bos> itself; never start with two.
-    ids = tok.encode(text, add_bos=not text.startswith("<bos>"))
+    ids = tok.encode(text)  # one <bos> first, also when the chat template wrote it
     new = generate_ids(
         model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids=set(tok.stop_ids)
     )
