@@ -500,7 +500,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
         if scaler is not None:
             scaler.unscale_(optimizer)
         # The total norm of the (synchronised) gradients; clipping off = a max norm of inf.
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
         if scaler is not None:  # float16: a non-finite gradient is expected, the scaler skips that step
             scaler.step(optimizer)
             scaler.update()
