@@ -70,6 +70,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def _numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """[(line number, record), ...] of a JSON-lines file."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -185,6 +186,7 @@ def _chat_segments(messages, tok) -> list[Segment]:
         if k == 0 and messages[0]["role"] == "system":
             continue  # no turn of its own: its text goes into the first user turn
         upto = text(k + 1)
+        assert upto.startswith(done), "the chat template writes a conversation turn after turn"
         turn = upto[len(done) :]  # "<start_of_turn>{role}\n{content}<end_of_turn>\n"
         done = upto
         header, body = turn.split("\n", 1)
