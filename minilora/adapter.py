@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.config import match_pattern_key
-from minilora.inject import freeze_base, layer_index, lora_layers, replace_module
+from minilora.inject import (
+    check_unshared,
+    freeze_base,
+    layer_index,
+    lora_layers,
+    name_matches,
+    replace_module,
+)
 from minilora.lora import LoRALinear
 
 log = logging.getLogger(__name__)
@@ -36,16 +44,31 @@ PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def _write_atomic(path: Path, write) -> Path:
-    """Write to a temp file beside `path`; the caller renames it into place with os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _write_temp(path: Path, write) -> Path:
+    """write(tmp) to a new temp file beside `path` and fsync it; the caller renames it into place.
+    Created by os.open with mode 0o666, so the umask applies as for any new file, and that mode is
+    put back after write() (safetensors' save_file, like mkstemp, leaves 0o600: unreadable to
+    other users)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _peft_config(
@@ -60,17 +83,25 @@ def _peft_config(
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("peft's format has one use_rslora flag; these adapters mix rslora and plain scaling")
-    # The short form peft itself writes (leaf names + layer indices) where it selects exactly these
-    # modules; else one regex that fullmatches exactly their names.
+    # The short form peft itself writes (leaf names, then also layer indices) where peft selects
+    # exactly these modules with it; else one regex that fullmatches exactly their names.
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    indices = sorted({layer_index(n) for n in names}, key=lambda i: -1 if i is None else i)
-    all_linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
-    by_leaves = {n for n in all_linear if n.rsplit(".", 1)[-1] in leaves}
-    by_layers = {n for n in by_leaves if layer_index(n) in indices}
-    if by_leaves == set(names):
-        target_modules, layers_to_transform = leaves, None
-    elif None not in indices and by_layers == set(names):
-        target_modules, layers_to_transform = leaves, indices
+    indices = sorted({layer_index(n) for n in names} - {None})
+    inside_lora = tuple(n + "." for n in names)
+    base_names = [n for n, _ in model.named_modules() if n and not n.startswith(inside_lora)]
+
+    def peft_selects(name: str, layers_to_transform: list[int] | None) -> bool:
+        # peft's check_target_module_exists for a list of target_modules and no layers_pattern.
+        if name in leaves:
+            return True
+        if not any(name_matches(name, t) for t in leaves):
+            return False
+        return layers_to_transform is None or layer_index(name) in layers_to_transform
+
+    for layers_to_transform in (None, indices):
+        if {n for n in base_names if peft_selects(n, layers_to_transform)} == set(names):
+            target_modules = leaves
+            break
     else:
         target_modules, layers_to_transform = "(" + "|".join(re.escape(n) for n in names) + ")", None
     dropouts = {m.dropout_p for m in layers.values()}
@@ -102,8 +133,9 @@ def save_adapter(
     model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
 ) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`.
-    Both files are written to temp files first and renamed into place, so a failed save leaves
-    whatever was there before intact."""
+    Both files are written in full to temp files first, so a failed save leaves whatever was there
+    before intact; the renames are ordered so that no crash pairs one save's weights with another's
+    config."""
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to save; call minilora.inject(model, config) first")
@@ -116,17 +148,22 @@ def save_adapter(
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights_tmp = _write_atomic(
-        out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})
-    )
+    weights_tmp = _write_temp(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     try:
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        config_tmp = _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        config_tmp = _write_temp(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     except BaseException:
-        os.unlink(weights_tmp)
+        weights_tmp.unlink()
         raise
+    # Two files cannot be replaced in one atomic step. The old config goes first: between the two
+    # renames the folder has no config, so a crash there leaves a folder that every loader
+    # (minilora's, peft's) refuses, never new weights read with an old config's alpha and targets.
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    _fsync_dir(out)
     os.replace(weights_tmp, out / WEIGHTS_NAME)
+    _fsync_dir(out)
     os.replace(config_tmp, out / CONFIG_NAME)
+    _fsync_dir(out)
     return out
 
 
@@ -171,12 +208,21 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
     for name, pair in modules.items():
         if len(pair) != 2:
             raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
+        if pair["lora_A"].ndim != 2 or pair["lora_B"].ndim != 2 or 0 in pair["lora_A"].shape:
+            raise ValueError(
+                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
+                f"{tuple(pair['lora_B'].shape)} must be non-empty matrices"
+            )
         if pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
             raise ValueError(
                 f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
                 f"{tuple(pair['lora_B'].shape)} disagree on the rank"
             )
     return config, modules
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_adapter(
@@ -187,11 +233,18 @@ def load_adapter(
     trainable: bool = False,
 ) -> list[str]:
     """Load an adapter written by minilora or peft into `model`; returns the adapted module names.
-    Modules not yet wrapped are wrapped (rank from the weights, alpha and rslora from the config);
-    wrapped ones get their weights replaced. With trainable=False the whole model is frozen."""
+    Modules not yet wrapped are wrapped (rank from the weights, alpha, dropout and rslora from the
+    config); wrapped ones get their weights and scaling replaced. A model that already has LoRA on a
+    module the file does not cover is an error (the result would be neither adapter). Everything is
+    checked before the model is touched. With trainable=False the whole model is frozen."""
     config, modules = read_adapter(adapter_dir)
-    use_rslora = bool(config.get("use_rslora", False))
-    alpha_default = float(config.get("lora_alpha", config.get("r", 8)))
+    config_path, weights_path = Path(adapter_dir) / CONFIG_NAME, Path(adapter_dir) / WEIGHTS_NAME
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"{config_path}: use_rslora must be true or false, got {use_rslora!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"{config_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     alpha_pattern = config.get("alpha_pattern") or {}
     present = dict(model.named_modules())
     missing = [n for n in modules if n not in present]
@@ -201,14 +254,22 @@ def load_adapter(
             f"adapter in {adapter_dir} has weights for module(s) this model does not have: "
             f"{', '.join(missing[:5])}{more}"
         )
+    uncovered = [n for n, _ in lora_layers(model) if n not in modules]
+    if uncovered:
+        raise ValueError(
+            f"the model already has LoRA on {', '.join(uncovered[:5])}, which {weights_path} has no "
+            "weights for; loading would mix two adapters. Load into a model without LoRA, or one with "
+            "LoRA on exactly the file's modules"
+        )
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        unused = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        unused = [t for t in targets if not any(name_matches(n, t) for n in modules)]
         if unused:
             log.warning(
                 "adapter config lists target_modules with no weights in the file (ignored): %s", unused
             )
-    # Check every shape before touching the model.
+    # Check everything before touching the model: types, shapes, values, then alpha per module.
+    plan = []  # (name, module, alpha)
     for name, pair in modules.items():
         module = present[name]
         if not isinstance(module, (nn.Linear, LoRALinear)):
@@ -220,30 +281,39 @@ def load_adapter(
         for which, tensor in pair.items():
             if tuple(tensor.shape) != expect[which]:
                 raise ValueError(
-                    f"{PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)} but the model needs "
+                    f"{weights_path}: {PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)} but "
+                    f"the model needs "
                     f"{expect[which]} for {name}"
                 )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_path}: {PREFIX}{name}.{which}.weight has NaN/Inf values")
+        key = match_pattern_key(alpha_pattern, name)
+        # Without lora_alpha, peft's LoraConfig default (8), so both libraries read the same scaling.
+        alpha, where = (
+            (alpha_pattern[key], f"alpha_pattern[{key!r}]")
+            if key is not None
+            else (config.get("lora_alpha", 8), "lora_alpha")
+        )
+        if not (_number(alpha) and alpha > 0):
+            raise ValueError(
+                f"{config_path}: {where} (the alpha of {name}) must be a number > 0, got {alpha!r}"
+            )
+        plan.append((name, module, float(alpha)))
+    try:
+        check_unshared(model, list(modules))
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: {e}") from None
     with torch.no_grad():
-        for name, pair in modules.items():
-            module = present[name]
-            alpha = float(alpha_pattern.get(match_pattern_key(alpha_pattern, name), alpha_default))
+        for name, module, alpha in plan:
             if not isinstance(module, LoRALinear):
-                dropout = float(config.get("lora_dropout", 0.0))
-                r = pair["lora_A"].shape[0]
-                module = LoRALinear(
-                    module,
-                    r=r,
-                    alpha=alpha,
-                    dropout=dropout,
-                    use_rslora=use_rslora,
-                    adapter_dtype=adapter_dtype,
-                )
+                r = modules[name]["lora_A"].shape[0]
+                module = LoRALinear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
                 replace_module(model, name, module)
             was_merged = module.merged
             module.unmerge()
             module.set_scaling(alpha, use_rslora)
-            module.lora_A.copy_(pair["lora_A"])
-            module.lora_B.copy_(pair["lora_B"])
+            module.lora_A.copy_(modules[name]["lora_A"])
+            module.lora_B.copy_(modules[name]["lora_B"])
             if was_merged:
                 module.merge()
     if trainable:

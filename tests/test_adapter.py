@@ -135,6 +135,24 @@ def test_minilora_adapter_loads_in_peft_with_same_logits(kind, cfg, tmp_path):
         use_rslora=saved["use_rslora"],
     )
     assert ml.count_parameters(model)[0] == peft_trainable(base, **peft_kw)
+    # ... and with the user's own settings given to peft, the same modules and the same count.
+    user_kw = dict(
+        r=cfg["r"],
+        lora_alpha=cfg["alpha"],
+        target_modules=cfg["targets"],
+        layers_to_transform=cfg.get("layers"),
+        exclude_modules=cfg.get("exclude"),
+        rank_pattern=cfg.get("rank_pattern", {}),
+        alpha_pattern=cfg.get("alpha_pattern", {}),
+        use_rslora=cfg.get("use_rslora", False),
+    )
+    pm_user = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**user_kw))
+    assert sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in pm_user.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    ) == sorted(names)
+    assert ml.count_parameters(model)[0] == sum(p.numel() for p in pm_user.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3"])
@@ -313,3 +331,238 @@ def test_peft_traps_are_covered(tmp_path):
     ]
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     torch.testing.assert_close(logits(pm), logits(model), rtol=0, atol=1e-5)
+
+
+class T5ish(torch.nn.Module):
+    """A plain nn.Module, encoder.block.{i}.layer.{j}.wi as T5 names its modules."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.block = torch.nn.ModuleList(torch.nn.Module() for _ in range(3))
+        for b in self.encoder.block:
+            b.layer = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+            for sub in b.layer:
+                sub.wi = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        for b in self.encoder.block:
+            for sub in b.layer:
+                x = torch.tanh(sub.wi(x))
+        return x
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):  # peft's CAUSAL_LM wrapper asks for it
+        raise NotImplementedError
+
+
+class Flat(T5ish):
+    """A plain nn.Module whose blocks are a top-level list: layers.{i}.layer.{j}.wi (no peft layer index
+    for `layers.{i}`)."""
+
+    def __init__(self, d=8):
+        super().__init__(d)
+        self.layers = self.encoder.block
+        del self.encoder
+
+    def forward(self, x):
+        for b in self.layers:
+            for sub in b.layer:
+                x = torch.tanh(sub.wi(x))
+        return x
+
+
+@pytest.mark.parametrize(
+    "cls, cfg",
+    [
+        (T5ish, dict(targets=["wi"], layers=[0, 2])),
+        (T5ish, dict(targets=["wi"], layers=[1], exclude=["encoder.block.1.layer.1.wi"])),
+        (Flat, dict(targets=["layers.0.layer.1.wi", "layers.2.layer.1.wi"])),
+        (Flat, dict(targets=["wi"], layers=[1])),  # peft's index of layers.{i}.layer.{j} is j
+    ],
+    ids=["t5-layers", "t5-layers-exclude", "flat-names", "flat-layers"],
+)
+def test_adapter_of_a_plain_module_selects_the_same_modules_in_peft(cls, cfg, tmp_path):
+    torch.manual_seed(0)
+    base = cls()
+    model = copy.deepcopy(base)
+    names = ml.inject(model, ml.LoRAConfig(r=2, alpha=4, **cfg))
+    randomize(model)
+    ml.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    inner = pm.get_base_model()
+    wrapped = [n for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert wrapped == names
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(inner(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_merged_state_dict_of_hf_gemma_saves_with_safetensors_and_reloads(tmp_path):
+    from safetensors.torch import save_file
+
+    base = hf_model("gemma3")
+    model = copy.deepcopy(base)
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    randomize(model)
+    want = logits(model)
+    sd = ml.merged_state_dict(model)
+    assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    base.config.save_pretrained(tmp_path)
+    merged = type(base).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(merged), want, rtol=1e-5, atol=1e-5)
+
+
+def peft_adapter(tmp_path, kind="gemma", **kw):
+    """A random peft adapter (r=4 on q_proj/v_proj unless kw says otherwise) saved in tmp_path."""
+    base = hf_model(kind)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) | kw
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **kw))
+    pm.save_pretrained(str(tmp_path))
+    return base, pm.eval()
+
+
+def edit_config(adapter_dir, **changes):
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg))
+
+
+def test_missing_lora_alpha_defaults_to_peft_s_8(tmp_path):
+    base, _ = peft_adapter(tmp_path, lora_alpha=2)
+    edit_config(tmp_path, lora_alpha=None)
+    expected = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval())
+    model = copy.deepcopy(base)
+    ml.load_adapter(model, tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.alpha == 8
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(alpha_pattern={"v_proj": 0}), r"alpha_pattern\['v_proj'\] \(the alpha of model.layers.0"),
+        (dict(lora_alpha=-1), r"lora_alpha \(the alpha of model.layers.0.self_attn.q_proj\) must be"),
+        (dict(lora_alpha="8"), r"lora_alpha .* must be a number > 0, got '8'"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+        (dict(use_rslora="yes"), "use_rslora must be true or false"),
+    ],
+)
+def test_bad_config_values_fail_before_the_model_is_touched(tmp_path, changes, message):
+    base, _ = peft_adapter(tmp_path)
+    edit_config(tmp_path, **changes)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message) as e:
+        ml.load_adapter(model, tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(e.value)
+    assert not any(isinstance(m, ml.LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_non_finite_adapter_weights_are_refused_before_the_model_is_touched(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, _ = peft_adapter(tmp_path)
+    w = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(w)
+    key = "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, w)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=f"{w}: {key} has NaN/Inf"):
+        ml.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, ml.LoRALinear) for m in model.modules())
+
+
+def test_adapter_on_a_tied_head_is_refused(tmp_path):
+    base = hf_model("gemma")
+    untied = copy.deepcopy(base)  # an adapter file with LoRA on lm_head, written from an untied copy
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    ml.inject(untied, ml.LoRAConfig(r=2, targets=["q_proj", "lm_head"]))
+    ml.save_adapter(untied, tmp_path)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lm_head shares its weight with model.embed_tokens"):
+        ml.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, ml.LoRALinear) for m in model.modules())
+
+
+def test_load_into_a_model_with_lora_the_file_does_not_cover_is_an_error(tmp_path):
+    base, pm = peft_adapter(tmp_path, target_modules=["q_proj"])
+    model = copy.deepcopy(base)
+    ml.inject(model, ml.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    randomize(model)
+    before = logits(model)
+    with pytest.raises(ValueError, match=r"already has LoRA on model.layers.0.self_attn.v_proj.*mix two"):
+        ml.load_adapter(model, tmp_path)
+    assert torch.equal(logits(model), before)  # untouched
+    exact = copy.deepcopy(base)  # LoRA on exactly the file's modules: the file's adapter, nothing else
+    ml.inject(exact, ml.LoRAConfig(r=4, alpha=1, targets=["q_proj"]))
+    randomize(exact)
+    ml.load_adapter(exact, tmp_path)
+    torch.testing.assert_close(logits(exact), logits(pm), rtol=0, atol=1e-5)
+
+
+def test_load_into_a_merged_model_replaces_the_merged_adapter(tmp_path):
+    base, pm = peft_adapter(tmp_path, lora_alpha=16)
+    model = copy.deepcopy(base)
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    randomize(model)
+    ml.merge(model)
+    ml.load_adapter(model, tmp_path)
+    layers = [m for m in model.modules() if isinstance(m, ml.LoRALinear)]
+    assert layers and all(m.merged and m.alpha == 16 for m in layers)
+    torch.testing.assert_close(logits(model), logits(pm), rtol=1e-5, atol=1e-5)
+    ml.unmerge(model)
+    for name, m in model.named_modules():
+        if isinstance(m, ml.LoRALinear):
+            assert torch.equal(m.weight, base.get_submodule(name).weight), name  # W0's exact bits
+
+
+def test_adapter_files_get_the_usual_mode(tmp_path):
+    model = copy.deepcopy(hf_model("gemma"))
+    ml.inject(model, ml.LoRAConfig(r=2, targets=["q_proj"]))
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            ml.save_adapter(model, tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (tmp_path / oct(umask) / name).stat().st_mode & 0o777 == mode, (name, oct(umask))
+
+
+def test_a_crash_between_the_two_renames_never_pairs_new_weights_with_an_old_config(tmp_path, monkeypatch):
+    base = hf_model("gemma")
+    model = copy.deepcopy(base)
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj"]))
+    randomize(model)
+    ml.save_adapter(model, tmp_path)
+    for m in model.modules():
+        if isinstance(m, ml.LoRALinear):
+            m.set_scaling(64)  # the new save differs in the config as well as the weights
+    randomize(model, seed=2)
+
+    import minilora.adapter as adapter_mod
+
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):  # the process dies after the first of the two renames
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(adapter_mod.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ml.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    # The folder is refused as a whole (by minilora and by peft), never loaded as a mix.
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        ml.load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(ValueError):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
