@@ -1,6 +1,6 @@
 """Tiny random Hugging Face Gemma models (transformers, the test-only oracle) for the model-side tests.
 
-Imported as `from tests._tiny import ...` (pytest's importlib mode resolves the `tests` folder)."""
+The test files load it by its path (see their imports)."""
 
 import torch
 

@@ -1,9 +1,11 @@
 """minilora.gemma against Hugging Face transformers (the test-only oracle) on tiny random checkpoints:
 logits, loss, parameter counts, config dialects, strict loading, gradient checkpointing."""
 
+import importlib.util
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +16,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minilora as ml
 from minilora import gemma
 from minilora.inject import lora_layers
-from tests._tiny import KINDS, VOCAB, hf_tiny
 
 transformers = pytest.importorskip("transformers")
+
+# tests/_tiny.py, loaded by its path: pytest's importlib mode puts no test folder on sys.path (and
+# `from tests._tiny import ...` works only from pytest 8.3 on).
+_spec = importlib.util.spec_from_file_location("_tiny", Path(__file__).with_name("_tiny.py"))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+KINDS, VOCAB, hf_tiny = _tiny.KINDS, _tiny.VOCAB, _tiny.hf_tiny
 
 # The real config.json files of the seeds' checkpoints (vendored, so the parameter-count acceptance
 # tests always run); MINILORA_CONFIGS points at another folder of them.

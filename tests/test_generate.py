@@ -2,9 +2,11 @@
 generate; stop ids, sampling, chat messages and the command line."""
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +14,15 @@ import torch
 import minilora as ml
 from minilora import gemma
 from minilora.generate import generate_ids, main, next_token
-from tests._tiny import hf_tiny
 
 transformers = pytest.importorskip("transformers")
+
+# tests/_tiny.py, loaded by its path: pytest's importlib mode puts no test folder on sys.path (and
+# `from tests._tiny import ...` works only from pytest 8.3 on).
+_spec = importlib.util.spec_from_file_location("_tiny", Path(__file__).with_name("_tiny.py"))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+hf_tiny = _tiny.hf_tiny
 
 KINDS = ["gemma1-mqa", "gemma2", "gemma3"]  # tiny models of tests/_tiny.py: MQA, soft-capping, qk-norm
 
