@@ -30,8 +30,9 @@ Where xa (dyb) comes from is a cost trade-off, so both exist. The GEMM can accum
 K loop from the x (dy) tiles it loads anyway (FUSE_SHRINK): no extra pass over x, no extra launch, but
 each of the N / BLOCK_N column tiles redoes it, ~R_PAD / BLOCK_N more tensor-core work. A separate
 `_shrink_kernel` pass costs one more read of x instead: memory-bound, ~(F / BW) / N of the GEMM's time.
-Narrow outputs with a small r (R_PAD * N < 30k: r <= 16 on most of gemma-3-1b, dx of every up/gate)
-take the first, the rest the second (`_fuse_shrink`); forward dropout always takes the second (a
+Narrow outputs with a small r (R_PAD * N < 30k) take the first, the rest the second (`_fuse_shrink`):
+on gemma-3-1b the forward of q/k/v/o and the dx of every projection but down for r <= 16, and k/v's
+forward up to r = 64; nothing of gemma-7b or gemma-2-9b. Forward dropout always takes the second (a
 Philox draw per element of x in every column tile would cost more than the GEMM).
 
 Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile of out):
@@ -44,9 +45,14 @@ Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile 
     out[m : m+BLOCK_M, n : n+BLOCK_N] = (acc + bias[n : n+BLOCK_N]).to(out.dtype)
 
 r is padded to R_PAD, a power of two >= 16 (tl.dot's smallest tile), with masked loads (other=0.0).
+Pointer offsets are computed in int64: a transposed view (x.T for dA, dy.T for dB) steps by a whole row
+of features per token, and tokens x features passes 2^31 at realistic sizes (e.g. 87k tokens of a
+24576-wide gemma-7b MLP).
 xa is kept in float32 and rounded to the activation dtype just before its dot, as a bf16 PyTorch
 LoRA rounds its (M, r) intermediate. float64 (for gradcheck, not for speed) takes an FMA path, a
-broadcast multiply and a sum in float64, rather than rely on tl.dot accepting fp64 everywhere.
+broadcast multiply and a sum in float64, rather than rely on tl.dot accepting fp64 everywhere; its
+scalars (scaling, 1 / (1 - p)) still reach the kernels as float32, so float64 results are exact only
+for scalars that float32 represents exactly (the gradcheck test uses 0.5 and 2).
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ def _shrink_kernel(
     mask_r = offs_r < R
     k_lo = pid_s * k_per_split  # k_per_split is a multiple of BLOCK_K: chunks never overlap
     rows = offs_m.to(tl.int64)[:, None] * stride_xm
+    a_cols = offs_r.to(tl.int64)[None, :] * stride_ar
     if FP64:
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
     else:
@@ -141,12 +148,13 @@ def _shrink_kernel(
     for k0 in range(0, k_per_split, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)  # on x.T, offs_k * stride_xk is tokens x features: > 2^31
         x = tl.load(
-            x_ptr + rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            x_ptr + rows + offs_k64[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
         # a^T tile: (BLOCK_K, R_PAD), in x's dtype (a may be a float32 intermediate: xa, dyb)
         a = tl.load(
-            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            a_ptr + offs_k64[:, None] * stride_ak + a_cols,
             mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         ).to(x.dtype)
@@ -158,7 +166,12 @@ def _shrink_kernel(
             x = tl.where(keep, x, 0.0).to(a.dtype)
         acc += _mm(x, a, FP64, UPCAST, PRECISION)
     acc = acc * scale
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    out_ptrs = (
+        out_ptr
+        + pid_s.to(tl.int64) * stride_os
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + offs_r.to(tl.int64)[None, :] * stride_or
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -226,15 +239,19 @@ def _lora_mm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
-
-    offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
-    xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    # pointer offsets in int64 (row x stride passes 2^31 on big inputs); the K loop steps by BLOCK_K
+    m64, n64, k64, r64 = offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64), offs_r.to(tl.int64)
+    x_ptrs = x_ptr + m64[:, None] * stride_xm + k64[None, :] * stride_xk
+    w_ptrs = w_ptr + k64[:, None] * stride_wk + n64[None, :] * stride_wn
+    a_ptrs = a_ptr + k64[:, None] * stride_ak + r64[None, :] * stride_ar
+    xa_ptrs = xa_ptr + m64[:, None] * stride_xam + r64[None, :] * stride_xar
+    step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    step_w = tl.cast(stride_wk, tl.int64) * BLOCK_K
+    step_a = tl.cast(stride_ak, tl.int64) * BLOCK_K
 
     # (2) the base GEMM: acc (BLOCK_M, BLOCK_N) += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
     if FP64:
@@ -251,9 +268,9 @@ def _lora_mm_kernel(
         if FUSE_SHRINK:  # the same x tile, times a tile (BLOCK_K, R_PAD)
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             xa_acc += _mm(x, a, FP64, UPCAST, PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+            a_ptrs += step_a
+        x_ptrs += step_x
+        w_ptrs += step_w
 
     # (3) the rank-r epilogue: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), xa rounded to the activation dtype
     mask_mr = mask_m[:, None] & mask_r[None, :]
@@ -264,7 +281,7 @@ def _lora_mm_kernel(
     else:
         xa = tl.load(xa_ptrs, mask=mask_mr, other=0.0)
     b = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        b_ptr + r64[:, None] * stride_br + n64[None, :] * stride_bn,
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
@@ -273,10 +290,10 @@ def _lora_mm_kernel(
         low_rank = tl.where(_keep(seed, offs_m[:, None], offs_n[None, :], p), low_rank, 0.0)
     acc += low_rank * lr_scale
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+        acc += tl.load(bias_ptr + n64, mask=mask_n, other=0.0).to(acc.dtype)[None, :]  # contiguous
 
     # (4) one cast at the end
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + m64[:, None] * stride_om + n64[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -298,29 +315,73 @@ def _interpreting() -> bool:
     return "Interpreted" in type(_lora_mm_kernel).__name__
 
 
-# Tile configs for the fused GEMM on a recent GPU (from the Triton matmul tutorial; the epilogue adds
-# an (R_PAD, BLOCK_N) tile of B, so configs that overflow shared memory are dropped by the autotuner).
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the fused GEMM on a recent GPU.
+# Tensor-core path (16-bit inputs, float32 with TF32 allowed): the Triton matmul tutorial's configs,
+# autotuned, plus a small one that fits in shared memory in every case (98 KB at worst: float32,
+# in-loop shrink, R_PAD = 128) and gives small-N shapes (k/v, N = 256) more tiles.
 _MM_CONFIGS = [
     (128, 256, 64, 3, 8),
     (128, 128, 64, 4, 4),
     (128, 128, 64, 3, 8),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
+    (64, 64, 32, 3, 4),  # the fallback
 ]
+# float32 without TF32 ("ieee", PyTorch's default) is an FMA loop on every GPU: big tensor-core tiles
+# buy nothing there and take seconds each to compile, so one config, no autotuning. Likewise for
+# problems of a few rows (M <= 64): autotuning a 37-row GEMM is pointless, one compile is enough.
+_FMA_CONFIG = (64, 64, 32, 3, 4)
+_TINY_M, _TINY_CONFIG = 64, (32, 64, 32, 2, 4)
+_SMEM_H100 = 232_448  # bytes of shared memory a block may use on sm_90 (227 KB)
+
+
+def _smem_bytes(bm: int, bn: int, bk: int, stages: int, r_pad: int, fuse: bool, elsize: int) -> int:
+    """Shared memory of a tensor-core config: num_stages buffered tiles of x (BM, BK) and w (BK, BN), and
+    with the in-loop shrink a (BK, R_PAD) tile of a. The epilogue reuses these buffers. Equal to the
+    compiled kernels' metadata.shared on sm_90 for every config above (bf16 and fp32, R_PAD 16..128)."""
+    return stages * (bm * bk + bk * bn + (bk * r_pad if fuse else 0)) * elsize
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # another Triton's driver API: assume an H100
+        return _SMEM_H100
+
+
+def _fitting(configs, r_pad: int, fuse: bool, elsize: int, limit: int) -> list:
+    """The configs whose tiles fit in `limit` bytes of shared memory; never empty (else the smallest)."""
+    smem = lambda c: _smem_bytes(
+        c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, r_pad, fuse, elsize
+    )
+    return [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
+
+
+def _prune_by_smem(configs, named_args, **meta):
+    """early_config_prune: drop the configs that do not fit in the device's shared memory (the autotuner
+    would compile them only to score them as failed, and raise if none were left)."""
+    x = named_args["x_ptr"]
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _fitting(configs, meta["R_PAD"], meta["FUSE_SHRINK"], x.element_size(), _smem_limit(device))
+
+
+def _config(bm, bn, bk, stages, warps) -> triton.Config:
+    return triton.Config(
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=stages, num_warps=warps
+    )
 
 
 @functools.cache
 def _autotuned_mm(direction: str):
     """One autotuner per call site ("fwd": x @ W.T, "bwd": dy @ W): their memory layouts differ."""
     del direction  # only separates the caches
-    configs = [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in _MM_CONFIGS
-    ]
     # keyed on M rounded up to a power of two, not M: a new sequence length must not re-tune
-    return triton.autotune(configs=configs, key=["m_bucket", "N", "K", "R_PAD", "FUSE_SHRINK"])(
-        _lora_mm_kernel
-    )
+    return triton.autotune(
+        configs=[_config(*c) for c in _MM_CONFIGS],
+        key=["m_bucket", "N", "K", "R_PAD", "FUSE_SHRINK"],
+        prune_configs_by={"early_config_prune": _prune_by_smem},
+    )(_lora_mm_kernel)
 
 
 @functools.cache
@@ -332,8 +393,20 @@ def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for float32 CUDA matmuls, through either of PyTorch's APIs."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses to read the legacy flag once fp32_precision was set
+        precision = getattr(matmul, "fp32_precision", "ieee")
+        if precision == "none":  # inherited from the global setting
+            precision = getattr(torch.backends, "fp32_precision", "ieee")
+        return precision == "tf32"
+
+
 def _common_meta(dtype: torch.dtype, interpreting: bool) -> dict:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_allowed():
         precision = "ieee"  # PyTorch's float32 matmul default; tf32 only where the user allowed it
     else:
         precision = "tf32"  # ignored for 16-bit inputs
@@ -401,24 +474,36 @@ def _lora_mm(
     if out.numel() == 0:  # nothing to launch (xa of a zero-width layer is the empty sum)
         return out, xa.zero_() if fuse else xa
     interpreting = _interpreting()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with stride 1
     a_ = a if fuse else b_lr  # a placeholder pointer when unused
     args = (
         x, w, x if bias is None else bias, xa, a_, b_lr, out,
         M, N, K, R, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), xa.stride(0), xa.stride(1),
         a_.stride(0), a_.stride(1), b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
-        float(shrink_scale), float(lr_scale), seed, float(p),
+        float(shrink_scale), float(lr_scale), seed, float(p),  # float32 scalars, also for float64 x
     )  # fmt: skip
     meta = dict(R_PAD=_r_pad(R), HAS_BIAS=bias is not None, DROPOUT=dropout, FUSE_SHRINK=fuse)
     meta.update(_common_meta(x.dtype, interpreting))
-    if interpreting or x.dtype == torch.float64:
-        # one small config: the interpreter runs programs one by one; fp64 is for gradcheck, not speed
-        bm, bn, bk = (32, 32, 16) if interpreting else (32, 32, 8)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _lora_mm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=4, **meta)
+    # one config, no autotuning: the interpreter runs programs one by one; fp64 is for gradcheck, not
+    # speed; float32 "ieee" is an FMA loop; a few rows are not worth tuning (see _FMA_CONFIG)
+    if interpreting:
+        config = (32, 32, 16, 1, 4)
+    elif x.dtype == torch.float64:
+        config = (32, 32, 8, 3, 4)
+    elif M <= _TINY_M:
+        config = _TINY_CONFIG
+    elif meta["PRECISION"] == "ieee" and x.dtype == torch.float32:
+        config = _FMA_CONFIG
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
         _autotuned_mm(direction)[grid](*args, **meta)
+        return out, xa
+    bm, bn, bk, stages, warps = config
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _lora_mm_kernel[grid](
+        *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=stages, num_warps=warps, **meta
+    )
     return out, xa
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -62,11 +63,11 @@ def reference(x, W, b, A, B, s, dy, keep=None, p=0.0, absolute=False):
     return y.detach(), x.grad, A.grad, B.grad
 
 
-def assert_close_derived(got, x, W, b, A, B, s, dy, keep=None, p=0.0):
+def assert_close_derived(got, x, W, b, A, B, s, dy, keep=None, p=0.0, u=None):
     exact = reference(x, W, b, A, B, s, dy, keep, p)
     mag = reference(x, W, b, A, B, s, dy, keep, p, absolute=True)
     n = max(x.shape[-1], W.shape[0], x.numel() // x.shape[-1], A.shape[0])
-    u = UNIT_ROUNDOFF[x.dtype]
+    u = UNIT_ROUNDOFF[x.dtype] if u is None else u
     for name, g, e, m in zip(("y", "dx", "dA", "dB"), got, exact, mag, strict=True):
         assert g.dtype == x.dtype and g.shape == e.shape, name
         tol = 2 * (2 * u + n * 2.0**-24) * m + 1e-30
@@ -83,7 +84,7 @@ CASES = [  # (leading dims, in K, out N, bias): none of M, K, N a multiple of a 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("r", [1, 5, 16, 64])
+@pytest.mark.parametrize("r", [1, 5, 16, 64, 100])  # R_PAD 16, 16, 16, 64, 128
 @pytest.mark.parametrize("lead,K,N,bias", CASES)
 def test_output_and_gradients_match_reference(lead, K, N, bias, r, dtype):
     x, W, b, A, B, dy = make_inputs(lead, K, N, r, dtype, bias)
@@ -103,6 +104,14 @@ def test_shrink_in_gemm_loop_or_separate(lead, K, N, bias, dtype, fuse_shrink):
     assert_close_derived(got, x, W, b, A, B, 3.2, dy)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rank_between_64_and_128_with_the_separate_shrink(dtype):
+    # R_PAD = 128, the largest tiles: the shrink kernel's (BLOCK_M, 128) accumulator, the GEMM's epilogue
+    x, W, b, A, B, dy = make_inputs((2, 7), 33, 70, 100, dtype, bias=True)
+    got = run_kernel(x, W, b, A, B, 0.16, dy, fuse_shrink=False)
+    assert_close_derived(got, x, W, b, A, B, 0.16, dy)
+
+
 def test_rank_above_max_rank_uses_plain_gemms_with_the_same_mask():
     x, W, b, A, B, dy = make_inputs((12,), 20, 10, 130, torch.float32)
     keep = dropout_mask(4, (12, 20), 0.25, device=DEV)
@@ -110,13 +119,14 @@ def test_rank_above_max_rank_uses_plain_gemms_with_the_same_mask():
     assert_close_derived(got, x, W, b, A, B, 0.5, dy, keep=keep, p=0.25)
 
 
-def test_non_contiguous_input_and_grad_output():
+def test_non_contiguous_inputs_bias_and_grad_output():
     x, W, b, A, B, _ = make_inputs((40,), 11, 24, 5, torch.float32)
     x = torch.randn(40, 11, 3, device=DEV).permute(2, 1, 0)  # (3, 11, 40), not contiguous
     W = torch.randn(40, 24, device=DEV).t()  # (24, 40) transposed view
+    b = torch.randn(48, device=DEV)[::2]  # every other element
     A = torch.randn(5, 40, device=DEV)
     dy = torch.randn(24, 11, 3, device=DEV).permute(2, 1, 0)  # (3, 11, 24)
-    assert not (x.is_contiguous() or W.is_contiguous() or dy.is_contiguous())
+    assert not (x.is_contiguous() or W.is_contiguous() or b.is_contiguous() or dy.is_contiguous())
     got = run_kernel(x, W, b, A, B, 0.5, dy)
     assert_close_derived(got, x, W, b, A, B, 0.5, dy)
 
@@ -129,6 +139,22 @@ def test_gradcheck_float64(p, fuse_shrink):
     x, A, B = (t.requires_grad_() for t in (x, A, B))
     fn = lambda x, A, B: lora_linear(x, W, b, A, B, 0.5, p, True, seed=11, fuse_shrink=fuse_shrink)
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
+def test_tf32_is_read_through_either_torch_api(api, monkeypatch):
+    # torch >= 2.9 raises on reading the legacy allow_tf32 once the new fp32_precision API was used
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, api):
+        pytest.skip(f"this torch has no torch.backends.cuda.matmul.{api}")
+    monkeypatch.setattr(matmul, api, True if api == "allow_tf32" else "tf32")  # restored afterwards
+    kernel_module = sys.modules[LoRALinearFunction.__module__]
+    assert kernel_module._common_meta(torch.float32, False)["PRECISION"] == "tf32"
+    # float32 on the tensor cores, in-loop shrink at R_PAD = 128: on a GPU, the autotuned configs whose
+    # tiles do not fit in shared memory are pruned (none of the tutorial's big tiles fits here)
+    x, W, b, A, B, dy = make_inputs((100,), 64, 96, 100, torch.float32)
+    got = run_kernel(x, W, b, A, B, 0.16, dy, fuse_shrink=True)
+    assert_close_derived(got, x, W, b, A, B, 0.16, dy, u=2.0**-11)  # TF32 keeps 11 significant bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +281,63 @@ def test_lora_linear_triton_backend_matches_torch_backend():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def count_fused_calls(monkeypatch) -> list:
+    calls, orig = [], LoRALinearFunction.apply
+    monkeypatch.setattr(LoRALinearFunction, "apply", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def test_autocast_through_the_fused_path(monkeypatch):
+    # what train.py does on a GPU: float32 layer and adapters, bf16 autocast, the fused backend
+    layer = lora_layer(40, 24, 4)
+    x = torch.randn(2, 6, 40, device=DEV)
+    results = {}
+    before = minilora.get_backend()
+    try:
+        for backend in ("torch", "triton"):
+            minilora.set_backend(backend)
+            calls = count_fused_calls(monkeypatch)
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                results[backend] = forward_backward(layer, x)
+            assert bool(calls) == (backend == "triton")
+    finally:
+        minilora.set_backend(before)
+    (y, dx, dA, dB), plain = results["triton"], results["torch"]
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.float32  # x is float32, so is its gradient
+    assert dA.dtype == dB.dtype == torch.float32  # float32 adapters get float32 gradients
+    for name, got, expected in zip(("y", "dx", "dA", "dB"), results["triton"], plain, strict=True):
+        rel = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+        assert rel < 2e-2, (name, rel)  # both round every operand to bf16 (8 bits): ~2^-8 apart
+
+
+def test_activation_checkpointing_replays_the_dropout_mask(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = lora_layer(40, 24, 4, dropout=0.3).train()
+    x = torch.randn(2, 6, 40, device=DEV)
+
+    def run(use_checkpoint):
+        torch.manual_seed(5)
+        xx = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = checkpoint(layer, xx, use_reentrant=False) if use_checkpoint else layer(xx)
+        y.square().sum().backward()
+        return y.detach(), xx.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    before = minilora.get_backend()
+    try:
+        minilora.set_backend("triton")
+        calls = count_fused_calls(monkeypatch)
+        plain, recomputed = run(False), run(True)
+    finally:
+        minilora.set_backend(before)
+    assert len(calls) == 3  # forward, checkpointed forward, its recomputation in backward
+    for name, a, b in zip(("y", "dx", "dA", "dB"), plain, recomputed, strict=True):
+        assert torch.equal(a, b), name  # the same seed, so the same mask, bit for bit
+    with torch.no_grad():
+        assert not torch.equal(layer.eval()(x), plain[0])  # and dropout did drop something
+
+
 @pytest.mark.gpu
 @requires_gpu
 def test_auto_backend_uses_fused_path_on_cuda(monkeypatch):
@@ -274,14 +357,15 @@ def test_auto_backend_uses_fused_path_on_cuda(monkeypatch):
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("r", [8, 64])
+@pytest.mark.parametrize("p", [0.0, 0.1])  # p = 0: the forward may take the in-loop shrink (r=8, N=1024)
+@pytest.mark.parametrize("r", [8, 100])
 @pytest.mark.parametrize("M,K,N", [(512, 1152, 1024), (300, 1024, 6912), (1000, 6912, 1152)])
-def test_gemma_shapes_on_gpu(M, K, N, r, dtype):
-    # realistic sizes: autotuned tile configs, split reductions for dA/dB
+def test_gemma_shapes_on_gpu(M, K, N, r, p, dtype):
+    # realistic sizes: autotuned tile configs, several column tiles, split reductions for dA/dB
     x, W, b, A, B, dy = make_inputs((M,), K, N, r, dtype, bias=False)
-    got = run_kernel(x, W, b, A, B, 2.0, dy, p=0.1, seed=5)
-    keep = dropout_mask(5, (M, K), 0.1)
-    assert_close_derived(got, x, W, b, A, B, 2.0, dy, keep=keep, p=0.1)
+    got = run_kernel(x, W, b, A, B, 2.0, dy, p=p, seed=5)
+    keep = dropout_mask(5, (M, K), p) if p > 0 else None
+    assert_close_derived(got, x, W, b, A, B, 2.0, dy, keep=keep, p=p)
 
 
 def tiny_gemma_with_lora(device, dtype):
@@ -362,10 +446,12 @@ def test_benchmark_plan_runs_without_gpu(capsys):
 
 
 # Compiles the kernels for an H100 (sm_90) without a GPU, as the JIT would specialise them for
-# bf16 Gemma shapes, and checks the code uses the tensor cores (wgmma) and pipelined async loads.
-# The CPU interpreter is laxer than the compiler (dot shapes, dtypes), so this catches what it cannot.
+# bf16 Gemma shapes, and checks (1) the code uses the tensor cores (wgmma) and pipelined async loads,
+# (2) every pointer offset is int64, (3) the autotune configs the shared-memory pruning keeps fit in an
+# H100's 227 KB. The CPU interpreter is laxer than the compiler (dot shapes, dtypes) and wraps int32
+# the same way, and has no shared memory, so this catches what it cannot.
 _COMPILE_FOR_H100 = r"""
-import json, sys
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -392,7 +478,11 @@ def compile(fn, args, meta, warps=4, stages=3):
         sys.exit(3)
     k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
     ir = k.asm["ttgir"]
-    return dict(wgmma=ir.count("warp_group_dot"), async_loads=ir.count("async_copy_global_to_local"))
+    # tt.addptr %ptr, %offset : <pointer type>, <offset type>: any offset type but i64 may wrap
+    offsets = re.findall(r"tt\.addptr [^:\n]*: [^,\n]+, (\S+)", k.asm["ttir"])
+    return dict(wgmma=ir.count("warp_group_dot"), async_loads=ir.count("async_copy_global_to_local"),
+                addptr=len(offsets), narrow_offsets=[t for t in offsets if not re.search(r"i64>?$", t)],
+                shared=k.metadata.shared)
 
 M, N, K, r = 4096, 1024, 1152, 16
 bf, f32 = "*bf16", "*fp32"
@@ -412,30 +502,83 @@ dA = dict(shrink, x_ptr=bf, a_ptr=f32, M=K, K=M, stride_xm=1, stride_xk=K, strid
           stride_os=K * r, stride_om=1, stride_or=K)
 meta = dict(BLOCK_M=64, BLOCK_K=64, R_PAD=16, DROPOUT=True, FP64=False, UPCAST=False, PRECISION="tf32")
 kernel = L._lora_mm_kernel
-out = {
+kernels = {
     "y": compile(kernel, fwd, dict(tiles, HAS_BIAS=True, DROPOUT=False, FUSE_SHRINK=False), 4, 4),
     "y, xa": compile(kernel, fwd, dict(tiles, HAS_BIAS=False, DROPOUT=False, FUSE_SHRINK=True), 8, 3),
     "dx, dyb": compile(kernel, bwd, dict(tiles, HAS_BIAS=False, DROPOUT=True, FUSE_SHRINK=True), 8, 3),
     "xa (dropout)": compile(L._shrink_kernel, xa, dict(meta, X_IS_T=False)),
     "dA": compile(L._shrink_kernel, dA, dict(meta, X_IS_T=True)),
 }
-print(json.dumps(out))
+
+# Shared memory: per (dtype, R_PAD, in-loop shrink), the autotune configs the pruning keeps for an H100;
+# the one with the largest estimate is compiled (the others have smaller tiles). A config compiled at
+# R_PAD = 128 bounds itself at R_PAD = 64 (a smaller tile of a, none at all without the in-loop shrink),
+# so a config the two share is compiled once.
+smem, compiled = [], {}
+configs = [L._config(*c) for c in L._MM_CONFIGS]
+fallback = str(L._config(*L._MM_CONFIGS[-1]))
+
+
+def estimate(c, r_pad, fuse, elsize):
+    kw = c.kwargs
+    return L._smem_bytes(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, r_pad, fuse, elsize)
+
+
+for ptr, elsize in ((bf, 2), (f32, 4)):  # float32 here is TF32 on the tensor cores
+    for r_pad in (128, 64):
+        for fuse in (False, True):
+            kept = L._fitting(configs, r_pad, fuse, elsize, L._SMEM_H100)
+            c = max(kept, key=lambda c: estimate(c, r_pad, fuse, elsize))
+            key = (ptr, str(c), fuse)
+            if key not in compiled:
+                ptrs = dict(x_ptr=ptr, w_ptr=ptr, bias_ptr=ptr, a_ptr=ptr, b_ptr=ptr, out_ptr=ptr)
+                args = dict(fwd, **ptrs, R=r_pad - 1, stride_xam=r_pad - 1, stride_bn=r_pad - 1)
+                consts = dict(R_PAD=r_pad, FP64=False, UPCAST=False, PRECISION="tf32", HAS_BIAS=False,
+                              DROPOUT=False, FUSE_SHRINK=fuse)
+                got = compile(kernel, args, dict(c.kwargs, **consts), c.num_warps, c.num_stages)
+                est = estimate(c, r_pad, fuse, elsize)
+                compiled[key] = dict(shared=got["shared"], r_pad=r_pad, estimate=est)
+            smem.append(dict(case=f"{ptr[1:]} R_PAD={r_pad} fuse={fuse}", config=str(c), kept=len(kept),
+                             fallback_kept=fallback in map(str, kept), compiled=compiled[key]))
+print(json.dumps(dict(kernels=kernels, smem=smem, limit=L._SMEM_H100)))
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels are compiled and run for real")
-def test_kernels_compile_for_h100_with_tensor_cores():
+@pytest.fixture(scope="module")
+def h100_compile():
     import json
     import os
     import subprocess
-    import sys
 
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernels are compiled and run for real")
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env)
     if proc.returncode == 3:
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
-    for kernel, counts in report.items():
-        assert counts["wgmma"] > 0 and counts["async_loads"] > 0, (kernel, counts)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_kernels_compile_for_h100_with_tensor_cores(h100_compile):
+    for kernel, report in h100_compile["kernels"].items():
+        assert report["wgmma"] > 0 and report["async_loads"] > 0, (kernel, report)
+
+
+def test_pointer_offsets_are_int64(h100_compile):
+    # x.T (dA) and dy.T (dB) step a whole row of features per token: tokens x features > 2^31 at
+    # realistic sizes (87k tokens of gemma-7b's 24576-wide MLP), which an int32 offset would wrap
+    for kernel, report in h100_compile["kernels"].items():
+        assert report["addptr"] > 0 and not report["narrow_offsets"], (kernel, report)
+
+
+def test_autotune_configs_fit_in_h100_shared_memory(h100_compile):
+    # float32 with TF32 and the in-loop shrink at R_PAD >= 64: none of the tutorial's tiles fits, the
+    # pruning keeps the small fallback, and whatever it keeps compiles within 227 KB
+    limit = h100_compile["limit"]
+    assert len(h100_compile["smem"]) == 8
+    for case in h100_compile["smem"]:
+        compiled = case["compiled"]  # the case's config, compiled at R_PAD = 128 or at the case's R_PAD
+        assert case["fallback_kept"] and compiled["shared"] <= limit, case
+        assert compiled["shared"] <= compiled["estimate"], case  # the pruning's estimate is not optimistic
