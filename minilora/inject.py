@@ -102,6 +102,12 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                 problems.append(
                     f"{entry} matches {len(matched)} module(s), but exclude={config.exclude!r} / "
                     f"layers={config.layers!r} remove all of them"
+                    + (
+                        f" ({matched[0]} is in no layer by peft's rule (the first number that follows "
+                        "at least two dotted segments); use a regex target)"
+                        if config.layers is not None and layer_index(matched[0]) is None
+                        else ""
+                    )
                 )
             selected_set.update(kept)
         if problems:

@@ -303,7 +303,7 @@ def test_layer_index_is_peft_s():
     names = ml.inject(tiny(), ml.LoRAConfig(targets=["q_proj"], layers=[1]))
     assert names == ["model.layers.1.self_attn.q_proj"]
     flat = tiny().model  # top-level `layers.{i}`: no layer index under peft's rule
-    with pytest.raises(ValueError, match="remove all of them"):
+    with pytest.raises(ValueError, match=r"remove all of them \(layers.0.self_attn.q_proj is in no layer"):
         ml.inject(flat, ml.LoRAConfig(targets=["q_proj"], layers=[0]))
 
 
