@@ -3,6 +3,12 @@
     python benchmarks/bench_lora_linear.py            # 3 models x 7 projections x r in {8, 16, 64}
     python benchmarks/bench_lora_linear.py --quick    # gemma-3-1b, r = 16
     python benchmarks/bench_lora_linear.py --dry-run  # print the plan (works without a GPU)
+    python benchmarks/bench_lora_linear.py --markdown results.md  # also write the summary table
+
+Before timing a shape it checks minilora's op, with the shrink placement being timed, against the
+unfused PyTorch LoRA (output and the x, A, B gradients, bf16 rounding apart). It ends with a Markdown
+summary (device, torch and Triton versions, date, command line, one row per shape) for
+benchmarks/RESULTS.md.
 
 Every time is the median of triton.testing.do_bench (warmup, L2 flushed between runs), for 4096
 tokens in bfloat16. "fwd" is y = layer(x); "fwd+bwd" adds the backward: the input gradient for the
@@ -15,6 +21,8 @@ faster than peft everywhere.
 from __future__ import annotations
 
 import argparse
+import datetime
+import shlex
 import sys
 
 import torch
@@ -57,6 +65,7 @@ def parse_args(argv=None):
         help="where minilora computes x @ A.T / dy @ B: its heuristic, the GEMM's K loop, or its own pass",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the final summary table to PATH")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.ranks = ["gemma-3-1b"], [16]
@@ -116,6 +125,27 @@ def contenders(x, W, A, B, s, p, dy, use_peft, fuse_shrink=None):
     return out
 
 
+def sanity_check(x, W, A, B, s, dy, fuse_shrink) -> list[str]:
+    """minilora's output and gradients (x, A, B), with the shrink placement being timed, against the
+    unfused PyTorch LoRA: equal up to bf16 rounding (relative error of each tensor < 1e-2). Returns the
+    failures, e.g. ["dA 0.031"]."""
+    from minilora.kernels import lora_linear
+
+    fused = lambda: lora_linear(x, W, None, A, B, s, fuse_shrink=fuse_shrink)
+    unfused = lambda: F.linear(x, W) + s * F.linear(F.linear(x, A), B)
+    results = []
+    for forward in (fused, unfused):
+        y = forward()
+        results.append([y.detach(), *torch.autograd.grad(y, [x, A, B], dy)])
+    failures = []
+    for name, got, ref in zip(("y", "dx", "dA", "dB"), *results, strict=True):
+        got, ref = got.float(), ref.float()
+        rel = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if not rel < 1e-2:
+            failures.append(f"{name} {rel:.3g}")
+    return failures
+
+
 def bench_one(n_tokens, n_in, n_out, r, p, use_peft, fuse_shrink=None):
     from triton.testing import do_bench
 
@@ -127,16 +157,8 @@ def bench_one(n_tokens, n_in, n_out, r, p, use_peft, fuse_shrink=None):
     B = rand(n_out, r, std=0.02).requires_grad_()
     dy = rand(n_tokens, n_out)
     fns = contenders(x, W, A, B, 2.0, p, dy, use_peft, fuse_shrink)
-    if p == 0:  # sanity: the fused output is the unfused one up to bf16 rounding
-        with torch.no_grad():
-            from minilora.kernels import lora_linear
-
-            fused = lora_linear(x, W, None, A, B, 2.0).float()
-            ref = (F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)).float()
-            rel = ((fused - ref).norm() / ref.norm()).item()
-        if rel > 1e-2:
-            raise RuntimeError(f"fused output differs from the unfused one: relative error {rel:.3g}")
-    times = {}
+    # with dropout the two would draw different masks
+    times = {"failures": sanity_check(x, W, A, B, 2.0, dy, fuse_shrink) if p == 0 else [], "checked": p == 0}
     for name, (fwd, fwd_bwd) in fns.items():
         times[name] = (
             do_bench(fwd, warmup=10, rep=40, return_mode="median"),
@@ -145,8 +167,24 @@ def bench_one(n_tokens, n_in, n_out, r, p, use_peft, fuse_shrink=None):
     return times
 
 
+def markdown_table(header: list[str], results: list[tuple], names: list[str]) -> str:
+    """The summary for benchmarks/RESULTS.md: times in ms for the base layer, ratios for the others."""
+    cols = ["model", "proj", "in->out", "r", "fwd base ms", *(f"fwd {n}" for n in names)]
+    cols += ["f+b base ms", *(f"f+b {n}" for n in names), "goals fwd, f+b", "vs unfused"]
+    lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for (model, proj, n_in, n_out, r), t in results:
+        cells = [model, proj, f"{n_in}->{n_out}", str(r)]
+        for i in (0, 1):
+            cells += [f"{t['base'][i]:.3f}", *(f"{t[n][i] / t['base'][i]:.3f}x" for n in names)]
+        cells.append(", ".join(t["goals"]))
+        cells.append("FAIL " + ", ".join(t["failures"]) if t["failures"] else "ok" if t["checked"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    command = shlex.join(["python", *sys.argv] if argv is None else ["bench_lora_linear.py", *argv])
     rows = plan(args)
     try:
         import peft  # noqa: F401
@@ -166,8 +204,18 @@ def main(argv=None) -> int:
         print("bench_lora_linear.py needs a CUDA GPU (Triton kernels); --dry-run prints the plan.")
         return 1
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    import triton
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = [
+        f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"Triton {triton.__version__}; peft {peft_version() if have_peft else 'not installed (no column)'}",
+        f"date: {date}",
+        f"command: {command}",
+        f"{args.tokens} tokens, bf16, dropout {args.dropout}, shrink {args.shrink}; fwd goal <= {GOAL_FWD}x "
+        f"the base GEMM, f+b goal <= {GOAL_FWD_BWD}x the base layer's fwd+bwd",
+    ]
+    print("\n".join(header))
     names = ["torch", "peft", "minilora"] if have_peft else ["torch", "minilora"]
     hdr = "".join(f"{n:>9}" for n in names)
     print(
@@ -175,14 +223,17 @@ def main(argv=None) -> int:
         f"| {'base ms':>8}{hdr}  f+b<={GOAL_FWD_BWD}"
     )
     met = dict(fwd=0, fwd_bwd=0, peft=0)
+    results = []
     for model, proj, n_in, n_out, r in rows:
         fuse = {"auto": None, "in-loop": True, "separate": False}[args.shrink]
         t = bench_one(args.tokens, n_in, n_out, r, args.dropout, have_peft, fuse)
-        cells = []
+        results.append(((model, proj, n_in, n_out, r), t))
+        cells, t["goals"] = [], []
         for i, goal in ((0, GOAL_FWD), (1, GOAL_FWD_BWD)):
             base = t["base"][i]
             ratios = {n: t[n][i] / base for n in names}
             ok = ratios["minilora"] <= goal
+            t["goals"].append("ok" if ok else "MISS")
             met["fwd" if i == 0 else "fwd_bwd"] += ok
             if have_peft:
                 met["peft"] += t["minilora"][i] < t["peft"][i]
@@ -191,13 +242,34 @@ def main(argv=None) -> int:
                 + "".join(f"{ratios[n]:8.3f}x" for n in names)
                 + f"  {'ok' if ok else 'MISS':>9}"
             )
-        print(f"{model:<11} {proj:<10} {f'{n_in}->{n_out}':>12} {r:>3} | " + " | ".join(cells), flush=True)
+        check = f"  WRONG vs unfused: {', '.join(t['failures'])}" if t["failures"] else ""
+        print(
+            f"{model:<11} {proj:<10} {f'{n_in}->{n_out}':>12} {r:>3} | " + " | ".join(cells) + check,
+            flush=True,
+        )
     n = len(rows)
-    summary = f"forward <= {GOAL_FWD}x base GEMM: {met['fwd']}/{n}"
-    print(f"\n{summary}; fwd+bwd <= {GOAL_FWD_BWD}x base fwd+bwd: {met['fwd_bwd']}/{n}")
+    wrong = sum(bool(t["failures"]) for _, t in results)
+    summary = [
+        f"forward <= {GOAL_FWD}x base GEMM: {met['fwd']}/{n}; "
+        f"fwd+bwd <= {GOAL_FWD_BWD}x base fwd+bwd: {met['fwd_bwd']}/{n}"
+    ]
     if have_peft:
-        print(f"faster than peft: {met['peft']}/{2 * n} (fwd and fwd+bwd)")
-    return 0
+        summary.append(f"faster than peft: {met['peft']}/{2 * n} (fwd and fwd+bwd)")
+    if args.dropout == 0:
+        summary.append(f"output and gradients equal to the unfused PyTorch LoRA: {n - wrong}/{n} shapes")
+    print("\n" + "\n".join(summary))
+    table = markdown_table(header, results, names) + "\n" + "\n".join(summary) + "\n"
+    print("\n---- summary for benchmarks/RESULTS.md ----\n" + table, flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 1 if wrong else 0
+
+
+def peft_version() -> str:
+    import peft
+
+    return peft.__version__
 
 
 if __name__ == "__main__":

@@ -443,7 +443,7 @@ def test_gemma_fused_equals_pytorch(dtype):
     gemma_fused_vs_pytorch(DEV, dtype)
 
 
-def test_benchmark_plan_runs_without_gpu(capsys):
+def load_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -451,6 +451,11 @@ def test_benchmark_plan_runs_without_gpu(capsys):
     spec = importlib.util.spec_from_file_location("bench_lora_linear", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_plan_runs_without_gpu(capsys):
+    bench = load_benchmark()
     assert bench.main(["--dry-run", "--shrink", "separate"]) == 0
     plan = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     # distinct (in, out) projections: gemma-3-1b 5 (k = v), gemma-7b 4 (q = k = v), gemma-2-9b 5
@@ -459,6 +464,33 @@ def test_benchmark_plan_runs_without_gpu(capsys):
     assert ["gemma-2-9b", "down", "14336", "->", "3584", "r=64"] in plan
     if not torch.cuda.is_available():
         assert bench.main(["--quick"]) == 1  # says it needs a GPU, does not crash
+
+
+@pytest.mark.parametrize("fuse_shrink", [True, False])
+def test_benchmark_sanity_check_and_summary(fuse_shrink, monkeypatch, tmp_path, capsys):
+    # the parts of a GPU run that do not time anything: the check of the op against the unfused LoRA
+    # (with the shrink placement being timed), the table and the Markdown summary
+    bench = load_benchmark()
+    x, W, _, A, B, dy = make_inputs((40,), 24, 16, 4, torch.bfloat16, bias=False)
+    x, A, B = (t.requires_grad_() for t in (x, A, B))
+    assert bench.sanity_check(x, W, A, B, 2.0, dy, fuse_shrink) == []
+    import minilora.kernels as kernels_module
+
+    monkeypatch.setattr(kernels_module, "lora_linear", lambda *a, **k: 1.1 * lora_linear(*a, **k))
+    failures = bench.sanity_check(x, W, A, B, 2.0, dy, fuse_shrink)  # 10% off: caught, each result named
+    assert [f.split()[0] for f in failures] == ["y", "dx", "dA", "dB"], failures
+
+    fake = lambda *a: dict(base=(1.0, 2.0), torch=(1.5, 3.3), minilora=(1.02, 2.4), failures=[], checked=True)
+    monkeypatch.setattr(bench, "bench_one", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    out = tmp_path / "results.md"
+    assert bench.main(["--quick", "--no-peft", "--markdown", str(out)]) == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    assert "device: Fake GPU" in table and "Triton " in table and "--quick --no-peft" in table
+    row = "| gemma-3-1b | q | 1152->1024 | 16 | 1.000 | 1.500x | 1.020x | 2.000 | 1.650x | 1.200x "
+    assert row + "| ok, MISS | ok |" in table
 
 
 # Compiles the kernels for an H100 (sm_90) without a GPU, as the JIT would specialise them for
