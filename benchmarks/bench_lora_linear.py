@@ -247,23 +247,31 @@ def main(argv=None) -> int:
             f"{model:<11} {proj:<10} {f'{n_in}->{n_out}':>12} {r:>3} | " + " | ".join(cells) + check,
             flush=True,
         )
-    n = len(rows)
+        if args.markdown:  # after every shape: a run cut short still leaves its table
+            write_summary(args, header, results, names, met, len(rows), have_peft, args.markdown)
+    table, wrong = write_summary(args, header, results, names, met, len(rows), have_peft, args.markdown)
+    print("\n---- summary for benchmarks/RESULTS.md ----\n" + table, flush=True)
+    return 1 if wrong else 0
+
+
+def write_summary(args, header, results, names, met, n_planned, have_peft, path) -> tuple[str, int]:
+    """The Markdown table and goal counts so far; written to `path` if given. Returns (text, wrong)."""
+    n = len(results)
     wrong = sum(bool(t["failures"]) for _, t in results)
-    summary = [
+    summary = [] if n == n_planned else [f"PARTIAL: {n} of {n_planned} shapes measured"]
+    summary.append(
         f"forward <= {GOAL_FWD}x base GEMM: {met['fwd']}/{n}; "
         f"fwd+bwd <= {GOAL_FWD_BWD}x base fwd+bwd: {met['fwd_bwd']}/{n}"
-    ]
+    )
     if have_peft:
         summary.append(f"faster than peft: {met['peft']}/{2 * n} (fwd and fwd+bwd)")
     if args.dropout == 0:
         summary.append(f"output and gradients equal to the unfused PyTorch LoRA: {n - wrong}/{n} shapes")
-    print("\n" + "\n".join(summary))
     table = markdown_table(header, results, names) + "\n" + "\n".join(summary) + "\n"
-    print("\n---- summary for benchmarks/RESULTS.md ----\n" + table, flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(table)
-    return 1 if wrong else 0
+    return table, wrong
 
 
 def peft_version() -> str:
