@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the fused LoRA kernels need checked on a real GPU, as ONE command that fits in a 10-minute
-# limit (at most about 8.5 minutes: every part runs under its own `timeout`):
+# limit (8.5 minutes at most: every part runs under its own `timeout`):
 #
-#     bash benchmarks/gpu_check.sh           # environment, GPU tests, bf16 tests, benchmark
+#     bash benchmarks/gpu_check.sh           # environment, GPU tests, bf16/TF32/autocast tests, benchmark
 #     bash benchmarks/gpu_check.sh rest      # the other kernel tests (float32/16/64, small shapes)
 #     bash benchmarks/gpu_check.sh bench     # only the benchmark, with more time
 #
@@ -76,18 +76,18 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, report
 main() {
     echo "gpu_check.sh $mode: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')"
     nvidia-smi -L || echo "nvidia-smi: not available"
-    (cd "$pkg" && part environment 60 "$PY" -c "$ENV_CHECK") || failed+=("environment")  # not from the repo
-    local tests=tests/test_kernels.py
+    (cd "$pkg" && part environment 30 "$PY" -c "$ENV_CHECK") || failed+=("environment")  # not from the repo
+    local tests=tests/test_kernels.py first="bfloat16 or tf32 or autocast or checkpointing"
     case $mode in
         main)
             part "GPU tests" 170 "${PYTEST[@]}" -v -m gpu $tests --durations=10 --junitxml="$out/gpu_tests.xml"
-            part "bf16 tests" 90 "${PYTEST[@]}" -q -m "not gpu" -k bfloat16 $tests --durations=5 \
-                --junitxml="$out/bf16_tests.xml"
-            part benchmark 210 env TRITON_PRINT_AUTOTUNING=1 \
+            part "bf16, TF32, autocast, checkpoint tests" 90 "${PYTEST[@]}" -q -m "not gpu" $tests \
+                -k "$first" --durations=5 --junitxml="$out/bf16_tests.xml"
+            part benchmark 200 env TRITON_PRINT_AUTOTUNING=1 \
                 "$PY" benchmarks/bench_lora_linear.py --markdown "$out/bench_lora_linear.md"
             ;;
         rest)
-            part "other kernel tests" 540 "${PYTEST[@]}" -q -m "not gpu" -k "not bfloat16" $tests \
+            part "other kernel tests" 540 "${PYTEST[@]}" -q -m "not gpu" -k "not ($first)" $tests \
                 --durations=10 --junitxml="$out/other_tests.xml"
             ;;
         bench)
