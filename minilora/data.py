@@ -186,7 +186,8 @@ def _chat_segments(messages, tok) -> list[Segment]:
         if k == 0 and messages[0]["role"] == "system":
             continue  # no turn of its own: its text goes into the first user turn
         upto = text(k + 1)
-        assert upto.startswith(done), "the chat template writes a conversation turn after turn"
+        if not upto.startswith(done):  # the template must write a conversation turn after turn
+            raise RuntimeError(f"the chat template rewrote earlier turns at message {k}; cannot mask turns")
         turn = upto[len(done) :]  # "<start_of_turn>{role}\n{content}<end_of_turn>\n"
         done = upto
         header, body = turn.split("\n", 1)
