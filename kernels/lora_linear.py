@@ -319,18 +319,19 @@ def _interpreting() -> bool:
 # Tensor-core path (16-bit inputs, float32 with TF32 allowed): the Triton matmul tutorial's configs,
 # autotuned, plus a small one that fits in shared memory in every case (98 KB at worst: float32,
 # in-loop shrink, R_PAD = 128) and gives small-N shapes (k/v, N = 256) more tiles.
+_FALLBACK_CONFIG = (64, 64, 32, 3, 4)
 _MM_CONFIGS = [
     (128, 256, 64, 3, 8),
     (128, 128, 64, 4, 4),
     (128, 128, 64, 3, 8),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
-    (64, 64, 32, 3, 4),  # the fallback
+    _FALLBACK_CONFIG,
 ]
 # float32 without TF32 ("ieee", PyTorch's default) is an FMA loop on every GPU: big tensor-core tiles
 # buy nothing there and take seconds each to compile, so one config, no autotuning. Likewise for
 # problems of a few rows (M <= 64): autotuning a 37-row GEMM is pointless, one compile is enough.
-_FMA_CONFIG = (64, 64, 32, 3, 4)
+_FMA_CONFIG = _FALLBACK_CONFIG
 _TINY_M, _TINY_CONFIG = 64, (32, 64, 32, 2, 4)
 _SMEM_H100 = 232_448  # bytes of shared memory a block may use on sm_90 (227 KB)
 
