@@ -157,19 +157,30 @@ def test_autotune_pruning_keeps_only_configs_that_fit(monkeypatch):
 
 
 @pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
-def test_tf32_is_read_through_either_torch_api(api, monkeypatch):
-    # torch >= 2.9 raises on reading the legacy allow_tf32 once the new fp32_precision API was used
+def test_tf32_is_read_through_either_torch_api(api):
+    # torch >= 2.9 raises on reading the legacy allow_tf32 once the new fp32_precision API was used.
+    # Set and restored by hand: under pytest >= 9 monkeypatch cannot undo a setattr on this module
+    # (its __setattr__ is dynamic), which left TF32 on for the rest of the session.
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, api):
         pytest.skip(f"this torch has no torch.backends.cuda.matmul.{api}")
-    monkeypatch.setattr(matmul, api, True if api == "allow_tf32" else "tf32")  # restored afterwards
-    kernel_module = sys.modules[LoRALinearFunction.__module__]
-    assert kernel_module._common_meta(torch.float32, False)["PRECISION"] == "tf32"
-    # float32 on the tensor cores, in-loop shrink at R_PAD = 128: on a GPU, the autotuned configs whose
-    # tiles do not fit in shared memory are pruned (none of the tutorial's big tiles fits here)
-    x, W, b, A, B, dy = make_inputs((100,), 64, 96, 100, torch.float32)
-    got = run_kernel(x, W, b, A, B, 0.16, dy, fuse_shrink=True)
-    assert_close_derived(got, x, W, b, A, B, 0.16, dy, u=2.0**-11)  # TF32 keeps 11 significant bits
+    before = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else None
+    legacy_before = None if before is not None else matmul.allow_tf32
+    try:
+        setattr(matmul, api, True if api == "allow_tf32" else "tf32")
+        kernel_module = sys.modules[LoRALinearFunction.__module__]
+        assert kernel_module._common_meta(torch.float32, False)["PRECISION"] == "tf32"
+        # float32 on the tensor cores, in-loop shrink at R_PAD = 128: on a GPU, the autotuned configs
+        # whose tiles do not fit in shared memory are pruned (none of the tutorial's big tiles fits)
+        x, W, b, A, B, dy = make_inputs((100,), 64, 96, 100, torch.float32)
+        got = run_kernel(x, W, b, A, B, 0.16, dy, fuse_shrink=True)
+        assert_close_derived(got, x, W, b, A, B, 0.16, dy, u=2.0**-11)  # TF32 keeps 11 significant bits
+    finally:
+        if before is not None:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = legacy_before
+    assert kernel_module._common_meta(torch.float32, False)["PRECISION"] == "ieee"
 
 
 # ---------------------------------------------------------------------------------------------
