@@ -27,16 +27,19 @@ from torch import nn
 
 from minilora.config import INITS
 
-# "auto": the fused Triton kernel for CUDA tensors, plain PyTorch otherwise. "torch" or "triton"
-# forces a path (on CPU the Triton path needs TRITON_INTERPRET=1). Set by MINILORA_BACKEND or set_backend().
-BACKENDS = ("auto", "torch", "triton")
+# How LoRALinear computes its forward and backward. "torch": plain PyTorch (the equation below, as peft).
+# "triton", "composite", "cublas": the fused op of minilora.kernels with that plan (kernels/lora_linear.py
+# explains each). "auto": _AUTO_CUDA for CUDA tensors, "torch" otherwise. Set by MINILORA_BACKEND or
+# set_backend(); on CPU the kernel plans need TRITON_INTERPRET=1 (tests).
+BACKENDS = ("auto", "torch", "triton", "composite", "cublas")
+_AUTO_CUDA = "triton"
 _backend = os.environ.get("MINILORA_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"MINILORA_BACKEND={_backend!r}; expected one of {BACKENDS}")
 
 
 def set_backend(name: str) -> None:
-    """Choose the LoRA forward path for every LoRALinear: "auto", "torch" or "triton"."""
+    """Choose the LoRA forward path for every LoRALinear: one of BACKENDS."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -47,8 +50,11 @@ def get_backend() -> str:
     return _backend
 
 
-def _use_fused(x: torch.Tensor) -> bool:
-    return _backend == "triton" or (_backend == "auto" and x.is_cuda)
+def _plan(x: torch.Tensor) -> str | None:
+    """The kernel plan for x, or None for plain PyTorch."""
+    if _backend == "auto":
+        return _AUTO_CUDA if x.is_cuda else None
+    return None if _backend == "torch" else _backend
 
 
 class LoRALinear(nn.Module):
@@ -118,11 +124,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if _use_fused(x):
+        plan = _plan(x)
+        if plan is not None:  # float32 adapters go in as they are: the kernels cast their tiles
             from minilora.kernels import lora_linear
 
-            return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.dropout_p, self.training)
+            args = (x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
+            return lora_linear(*args, self.training, plan=plan)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
 
     @torch.no_grad()
