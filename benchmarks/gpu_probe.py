@@ -320,13 +320,77 @@ def section_dropout_decode(pr: Probe):
         pr.record("decode", M=M, model="gemma-2-9b", proj="q", r=16, fwd_graph_ms=times)
 
 
-def section_quant(pr: Probe):
+def bnb_peft_4bit(W, A, B, s):
+    """bitsandbytes' NF4 Linear4bit (double quantization, bf16 compute) with peft's LoRA on it, or None."""
     try:
-        from minilora import quant
+        import bitsandbytes as bnb
+        import peft
+    except ImportError:
+        return None
+    holder = torch.nn.Module()
+    holder.proj = bnb.nn.Linear4bit(
+        W.shape[1], W.shape[0], bias=False, compute_dtype=W.dtype, quant_type="nf4"
+    )
+    holder.proj.weight = bnb.nn.Params4bit(
+        W.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    holder = holder.to(W.device)  # quantizes on the way to the GPU
+    cfg = peft.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["proj"])
+    layer = peft.get_peft_model(holder, cfg).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer
+
+
+def section_quant(pr: Probe):
+    """Issue 10: the 4-bit (NF4, double-quantized) LoRA layer's forward at gemma-2-9b shapes vs the bf16
+    base GEMM (goal <= 1.3x) and vs bitsandbytes + peft; its forward+backward; the dequantization pass."""
+    try:
+        from minilora.quant import Linear4bit
+
+        import minilora
     except ImportError:
         pr.record("quant", skipped="minilora.quant not present")
         return
-    pr.record("quant", skipped="not wired yet", module=quant.__name__)
+    s, r = 2.0, 16
+    for proj, n_in, n_out in [("q", 3584, 4096), ("gate/up", 3584, 14336), ("down", 14336, 3584)]:
+        if pr.left() < 60:
+            pr.record("quant", proj=proj, skipped="deadline")
+            continue
+        n_in, n_out = pr.shape(n_in, n_out)
+        x, W, A, B, dy = pr.inputs(n_in, n_out, r)
+        q4 = Linear4bit.from_linear(W, "nf4")
+        layer = minilora.LoRALinear(q4, r=r, alpha=s * r)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        W4 = q4.dequantize(x.dtype)
+        xf = x.detach().float()
+        ref = F.linear(xf, W4.float()) + s * F.linear(F.linear(xf, A), B)
+        with torch.no_grad():
+            err = ((layer(x).float() - ref).norm() / ref.norm()).item()
+        base = lambda: F.linear(x, W)
+        rec = dict(proj=proj, shape=[n_in, n_out], r=r, error=err, ok=err < 2e-2)
+        rec["ms"] = dict(
+            base_bf16=pr.time(no_grad(base)),
+            dequant=pr.time(no_grad(lambda: q4.dequantize(x.dtype))),
+            base_4bit=pr.time(no_grad(lambda: q4(x))),
+            lora_4bit=pr.time(no_grad(lambda: layer(x))),
+            lora_4bit_fwdbwd=pr.time(fwd_bwd(lambda: layer(x), [x, layer.lora_A, layer.lora_B], dy)),
+            base_bf16_fwdbwd=pr.time(fwd_bwd(base, [x], dy)),
+        )
+        peer = bnb_peft_4bit(W, A, B, s) if pr.dev == "cuda" else None
+        if peer is not None:
+            rec["ms"]["bnb_peft_4bit"] = pr.time(no_grad(lambda: peer(x)))
+            params = [q for q in peer.parameters() if q.requires_grad]
+            rec["ms"]["bnb_peft_4bit_fwdbwd"] = pr.time(fwd_bwd(lambda: peer(x), [x, *params], dy))
+        ms = rec["ms"]
+        rec["fwd_vs_bf16_base"] = ms["lora_4bit"] / ms["base_bf16"]
+        rec["dequant_GBps"] = W.numel() * 2.5 / (ms["dequant"] * 1e6)  # 0.5 B read + 2 B written per weight
+        if "bnb_peft_4bit" in ms:
+            rec["speedup_vs_bnb_peft"] = ms["bnb_peft_4bit"] / ms["lora_4bit"]
+        pr.record("quant", **rec)
 
 
 def section_compile(pr: Probe):
