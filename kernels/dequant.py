@@ -19,8 +19,9 @@ Fusing the dequantization into a Triton GEMM would save that write and re-read b
 speed on the GEMM itself (and its backward, dy @ W, is a second GEMM that would need its own fused
 kernel); for single-token decoding (M = 1) a fused GEMV would win, which is not the training case.
 
-Blocked algorithm: one program per BLOCK consecutive outputs; every load is coalesced except the two
-table gathers, which hit a 16- and a 256-entry table in L1.
+Blocked algorithm: one program per BLOCK consecutive outputs. The packed bytes and the outputs stream
+through once; the per-block absmax loads repeat within a block and the table gathers hit a 16- and a
+256-entry table, all in L1.
 
 Bit-exact with the PyTorch reference: the launch disables FMA contraction (the absmax line is a
 multiply then an add, each rounded), and bfloat16 is rounded to nearest-even with integer arithmetic
@@ -56,11 +57,11 @@ def _dequant_4bit_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0)
-    q = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
+    q = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
     value = tl.load(code_ptr + q, mask=mask, other=0.0)
     block = offs // BLOCKSIZE
     if NESTED:
-        a = tl.load(absmax_ptr + block, mask=mask, other=0)
+        a = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
         absmax = tl.load(nested_code_ptr + a, mask=mask, other=0.0) * scale + offset
     else:

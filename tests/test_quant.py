@@ -390,6 +390,36 @@ def test_quantize_model_keeps_embeddings_and_tied_head():
         quantize_model(model)
 
 
+def test_quantized_gemma_equals_float_gemma_with_dequantized_weights():
+    """minilora's own Gemma, quantized: its logits equal those of the float model holding the
+    dequantized weights (the same F.linear on the same W), and its LoRA adapters train."""
+    from minilora.gemma import Gemma, GemmaConfig
+
+    torch.manual_seed(0)
+    cfg = GemmaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sandwich_norms=True, qk_norm=True,
+        sliding_window=8, sliding_layers=(True, False),
+    )  # fmt: skip
+    model = Gemma(cfg)
+    names = quantize_model(model)
+    assert len(names) == 2 * 7 and isinstance(model.model.embed_tokens, nn.Embedding)
+    reference = Gemma(cfg)
+    reference.load_state_dict(ml.merged_state_dict(model), strict=False)  # dense W, quantized values
+    ids = torch.randint(0, 96, (2, 12))
+    assert torch.equal(model(ids), reference(ids))
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
 def test_lora_over_linear4bit_is_the_equation():
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48))
