@@ -24,8 +24,8 @@ through once; the per-block absmax loads repeat within a block and the table gat
 256-entry table, all in L1.
 
 Bit-exact with the PyTorch reference: the launch disables FMA contraction (the absmax line is a
-multiply then an add, each rounded), and bfloat16 is rounded to nearest-even with integer arithmetic
-(Triton's CPU interpreter truncates in its float32 -> bfloat16 cast; on a GPU both agree).
+multiply then an add, each rounded once, as in PyTorch), and the one cast to out's dtype rounds to
+nearest even (on a GPU; tests/conftest.py makes Triton's CPU interpreter round bfloat16 the same way).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def _dequant_4bit_kernel(
     code_ptr,  # float32 (16,): the 4-bit table
     nested_absmax_ptr,  # float32, one per NESTED_BLOCKSIZE absmax codes (NESTED only)
     nested_code_ptr,  # float32 (256,): the 8-bit dynamic table (NESTED only)
-    out_ptr,  # (n,) float32 / float16, or bfloat16 viewed as int16 (OUT_BF16)
+    out_ptr,  # (n,) float32, bfloat16 or float16
     # Size and scalar
     n,
     offset,  # float32: the mean of the absmax (NESTED only)
@@ -51,7 +53,6 @@ def _dequant_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
-    OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -66,24 +67,14 @@ def _dequant_4bit_kernel(
         absmax = tl.load(nested_code_ptr + a, mask=mask, other=0.0) * scale + offset
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    w = value * absmax
-    if OUT_BF16:  # round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + offs, bits.to(tl.int16), mask=mask)
-    else:
-        tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, (value * absmax).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_4bit_triton(packed: torch.Tensor, state, out: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """Fill `out` (W's shape; float32, bfloat16 or float16, contiguous) with W dequantized from
     `packed` (uint8) and `state` (a minilora.quant.QuantState); returns out."""
     n = state.shape.numel()
-    if (
-        out.numel() != n
-        or not out.is_contiguous()
-        or out.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-    ):
+    if out.numel() != n or not out.is_contiguous() or out.dtype not in OUT_DTYPES:
         raise ValueError(f"out must be a contiguous float32/bfloat16/float16 tensor of {n} values")
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed must be uint8 with {(n + 1) // 2} bytes for a {tuple(state.shape)} weight")
@@ -91,9 +82,9 @@ def dequantize_4bit_triton(packed: torch.Tensor, state, out: torch.Tensor, block
     _dequant_4bit_kernel[(triton.cdiv(n, block),)](
         packed, absmax, state.quant_map,
         state.nested_absmax if nested else absmax, state.nested_quant_map if nested else state.quant_map,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out, n, meta.get("nested_offset", 0.0),
+        out, n, meta.get("nested_offset", 0.0),
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=meta.get("nested_blocksize", 1),
-        NESTED=nested, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=block,
+        NESTED=nested, BLOCK=block,
         enable_fp_fusion=False,
     )  # fmt: skip
     return out
