@@ -347,9 +347,8 @@ def section_quant(pr: Probe):
     """Issue 10: the 4-bit (NF4, double-quantized) LoRA layer's forward at gemma-2-9b shapes vs the bf16
     base GEMM (goal <= 1.3x) and vs bitsandbytes + peft; its forward+backward; the dequantization pass."""
     try:
-        from minilora.quant import Linear4bit
-
         import minilora
+        from minilora.quant import Linear4bit
     except ImportError:
         pr.record("quant", skipped="minilora.quant not present")
         return
