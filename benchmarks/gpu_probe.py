@@ -438,19 +438,8 @@ def section_tests(pr: Probe):
     if pr.args.cpu_smoke or pr.left() < 45:
         pr.record("tests", skipped="cpu smoke" if pr.args.cpu_smoke else "deadline")
         return
-    cmd = [
-        sys.executable,
-        "-P",
-        "-m",
-        "pytest",
-        "-q",
-        "-x",
-        "-m",
-        "gpu",
-        "-p",
-        "no:cacheprovider",
-        "tests/test_kernels.py",
-    ]
+    tests = ["tests/test_quant.py", "tests/test_kernels.py"]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *tests]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [pr.farm, os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(
