@@ -130,6 +130,20 @@ class Probe:
             fn()
         return do_bench(g.replay, warmup=5, rep=25, return_mode="median")
 
+    def host_us(self, fn, n=10) -> float:
+        """Microseconds of host time per call to enqueue fn's work (the GPU runs behind): when it exceeds
+        the GPU's time, eager timings measure the host, not the kernels."""
+        fn()
+        if self.dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t) / n * 1e6
+        if self.dev == "cuda":
+            torch.cuda.synchronize()
+        return host
+
     def inputs(self, n_in, n_out, r, M=None, seed=0):
         g = torch.Generator(self.dev).manual_seed(seed)
         rand = lambda *s, std=1.0, dt=self.dtype: (std * torch.randn(*s, device=self.dev, generator=g)).to(dt)
@@ -267,10 +281,11 @@ def section_layer(pr: Probe):
         n_in, n_out = pr.shape(n_in, n_out)
         x, W, A, B, dy = pr.inputs(n_in, n_out, r)
         small = n_out < 2048 if not pr.args.cpu_smoke else n_out < 32
-        graph = small and pr.dev == "cuda"
+        graph = pr.dev == "cuda"  # the GPU's time alone, without the host's launch overhead
         base_f = lambda: F.linear(x, W)
         rec = dict(model=model, proj=proj, shape=[n_in, n_out], r=r, small=small)
         rec["base"] = dict(fwd=pr.time(no_grad(base_f)), fwdbwd=pr.time(fwd_bwd(base_f, [x], dy)))
+        rec["base"]["host_us"] = pr.host_us(fwd_bwd(base_f, [x], dy))
         if graph:
             rec["base"].update(
                 fwd_graph=pr.time(no_grad(base_f), graph=True),
@@ -286,6 +301,7 @@ def section_layer(pr: Probe):
             res = dict(errors=errs, ok=good, first_call_s=round(first, 2))
             if good:
                 res.update(fwd=pr.time(no_grad(fn)), fwdbwd=pr.time(fwd_bwd(fn, [x, *params], dy)))
+                res["host_us"] = pr.host_us(fwd_bwd(fn, [x, *params], dy))
                 if graph:
                     try:
                         res.update(
@@ -300,6 +316,41 @@ def section_layer(pr: Probe):
                 )
             rec[impl] = res
         pr.record("layer", ok=ok, **rec)
+
+
+def section_profile(pr: Probe):
+    """torch.profiler of one forward+backward per contender at gemma-2-9b q (r = 16): where host and
+    GPU time go (the top operators by self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_in, n_out = pr.shape(3584, 4096)
+    x, W, A, B, dy = pr.inputs(n_in, n_out, 16)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pr.dev == "cuda" else [])
+    for impl, (fn, params) in contenders(x, W, A, B, 2.0, 0.0, IMPLS).items():
+        step = fwd_bwd(fn, [x, *params], dy)
+        for _ in range(3):
+            step()
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                step()
+            if pr.dev == "cuda":
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        attr = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+        gpu = lambda e: getattr(e, attr, 0) or 0
+        row_ = lambda e, t: dict(op=e.key[:60], calls=e.count // 5, us=round(t / 5, 1))
+        by_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+        by_gpu = sorted(events, key=lambda e: -gpu(e))[:12]
+        pr.record(
+            "profile", impl=impl, host=[row_(e, e.self_cpu_time_total) for e in by_host],
+            gpu=[row_(e, gpu(e)) for e in by_gpu if gpu(e) > 0],
+            host_total_us=round(sum(e.self_cpu_time_total for e in events) / 5, 1),
+            gpu_total_us=round(sum(gpu(e) for e in events) / 5, 1),
+        )  # fmt: skip
 
 
 def section_dropout_decode(pr: Probe):
@@ -484,7 +535,14 @@ def markdown(pr: Probe) -> str:
             shape = f"{r['model']} {r['proj']} {r['shape'][0]}->{r['shape'][1]}"
             lines.append(row(shape, f"{r['cublas_ms']:.3f}", r["best"], f"{r['eta']:.3f}"))
     layer = [r for r in recs if r["section"] == "layer" and "base" in r]
-    if layer:
+    tables = [
+        ("eager (host and GPU)", "fwd", "fwdbwd"),
+        ("under a CUDA graph (the GPU alone)", "fwd_graph", "fwdbwd_graph"),
+    ]
+    for title, fwd, fwdbwd in tables:
+        rows = [r for r in layer if fwd in r["base"]]
+        if not rows:
+            continue
         head = (
             "model",
             "proj",
@@ -496,34 +554,36 @@ def markdown(pr: Probe) -> str:
             "goal fwd, f+b",
             "check",
         )
-        lines += ["", "## layer: LoRA layer / base layer, fwd / fwd+bwd (bf16, 4096 tokens)", "", row(*head)]
-        lines.append(row(*["---"] * len(head)))
-        for r in layer:
+        lines += ["", f"## layer, {title}: LoRA layer / base layer, fwd / fwd+bwd (bf16, 4096 tokens)", ""]
+        lines += [row(*head), row(*["---"] * len(head))]
+        for r in rows:
             goal = GOALS["small" if r["small"] else "big"]
             bad = [f"{i} {r[i]['errors']}" for i in IMPLS if i in r and not r[i]["ok"]]
-            cells = [ratio_cell(r.get(i), base=r["base"]) for i in IMPLS]
-            shape = f"{r['shape'][0]}->{r['shape'][1]}"
-            base = (f"{r['base']['fwd']:.3f}", f"{r['base']['fwdbwd']:.3f}")
+            cells = [ratio_cell(r.get(i), fwd, fwdbwd, r["base"]) for i in IMPLS]
+            shape, base = f"{r['shape'][0]}->{r['shape'][1]}", r["base"]
+            times = (f"{base[fwd]:.3f}", f"{base[fwdbwd]:.3f}")
             lines.append(
                 row(
                     r["model"],
                     r["proj"],
                     shape,
                     r["r"],
-                    *base,
+                    *times,
                     *cells,
-                    f"{goal[0]}, {goal[1]}",
+                    "{}, {}".format(*goal),
                     "; ".join(bad) or "ok",
                 )
             )
-        graphs = [r for r in layer if "fwd_graph" in r["base"]]
-        if graphs:
-            lines += ["", "Under a CUDA graph (small shapes), fwd / fwd+bwd ratios:", ""]
-            for r in graphs:
-                cells = [
-                    f"{i} " + ratio_cell(r.get(i), "fwd_graph", "fwdbwd_graph", r["base"]) for i in IMPLS
-                ]
-                lines.append(f"- {r['model']} {r['proj']} r={r['r']}: " + ", ".join(cells))
+    if any("host_us" in r["base"] for r in layer):
+        lines += ["", "Host time to enqueue one eager fwd+bwd (us): " + "; ".join(
+            f"{r['model']} {r['proj']} r={r['r']}: base {r['base']['host_us']:.0f}, "
+            + ", ".join(f"{i} {r[i]['host_us']:.0f}" for i in IMPLS if "host_us" in r.get(i, {}))
+            for r in layer if "host_us" in r["base"])]  # fmt: skip
+    for r in (r for r in recs if r["section"] == "profile"):
+        lines += ["", f"## profile: {r['impl']}, gemma-2-9b q r=16, one fwd+bwd: host {r['host_total_us']} us, "
+                  f"GPU {r['gpu_total_us']} us", ""]  # fmt: skip
+        lines += ["- host: " + ", ".join(f"{e['op']} x{e['calls']} {e['us']}" for e in r["host"])]
+        lines += ["- GPU: " + ", ".join(f"{e['op']} x{e['calls']} {e['us']}" for e in r["gpu"])]
     for sec in ("dropout", "decode", "quant", "compile", "tests"):
         for r in (r for r in recs if r["section"] == sec):
             body = {k: v for k, v in r.items() if k not in ("section", "t", "kernels")}
@@ -554,6 +614,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for probe.jsonl and probe.md")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreter")
     p.add_argument("--deadline", type=float, default=270.0, help="seconds; later sections are skipped")
+    p.add_argument("--skip", nargs="*", default=[], help="sections to leave out (eta, layer, profile, ...)")
     args = p.parse_args(argv)
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--cpu-smoke needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
@@ -565,9 +626,12 @@ def main(argv=None) -> int:
         section_env,
         section_eta,
         section_layer,
+        section_profile,
         section_dropout_decode,
         section_quant,
-        section_compile,
+    ]
+    sections = [f for f in sections if f.__name__.removeprefix("section_") not in args.skip] + [
+        section_compile
     ]
     for section in sections:
         try:

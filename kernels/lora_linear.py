@@ -715,25 +715,26 @@ def _device_guard(x: torch.Tensor):
 
 
 def _forward(x, weight, bias, lora_A, lora_B, s, p, seed, plan, fuse):
-    """x (M, K) -> (y (M, N), xa (M, r), bits (M, K/8) or empty)."""
+    """x (M, K) -> (y (M, N), xa (M, r): float32 from Triton, x's dtype from cuBLAS, bits (M, K/8) or (M, 0))."""
     (M, K), dt = x.shape, x.dtype
     plan = _plan_for(plan, M, lora_A.shape[0])
-    fuse = p == 0 and (fuse if fuse is not None else _fuse_in_loop(weight.shape[0], lora_A.shape[0], p))
     bits = torch.empty(M, triton.cdiv(K, 8) if p > 0 else 0, dtype=torch.uint8, device=x.device)
+    drop = dict(bits=bits, seed=seed, p=p) if p > 0 else {}
     with _device_guard(x):
-        if plan == "cublas":
-            h = x if p == 0 else x * _unpack(_draw_bits(seed, M, K, p, out=bits), K) / (1 - p)
-            xa = F.linear(h, lora_A.to(dt)).to(_acc_dtype(x))
-        elif plan == "triton" and fuse:  # xa in the GEMM's K loop (docstring, 3.)
-            y, xa = _matmul(x, weight.t(), bias=bias, b_lr=lora_B.t(), lo_scale=s, a=lora_A.t())
-            return y, xa, bits
-        else:
-            xa = _shrink(x, lora_A, 1.0 / (1.0 - p), bits=bits if p > 0 else None, seed=seed, p=p)
         if plan == "triton":
+            if p == 0 and (fuse if fuse is not None else _fuse_in_loop(weight.shape[0], lora_A.shape[0], p)):
+                y, xa = _matmul(x, weight.t(), bias=bias, b_lr=lora_B.t(), lo_scale=s, a=lora_A.t())
+                return y, xa, bits  # xa in the GEMM's K loop (docstring, 3.)
+            xa = _shrink(x, lora_A, 1.0 / (1.0 - p), **drop)
             y, _ = _matmul(x, weight.t(), bias=bias, lo=xa, b_lr=lora_B.t(), lo_scale=s)
             return y, xa, bits
-        y = F.linear((s * xa).to(dt), lora_B.to(dt), bias)  # y0 = (s * xa) @ B.T (+ b), then += x @ W.T
-        return y.addmm_(x, weight.t()), xa, bits
+        if plan == "cublas":
+            h = x if p == 0 else x * _unpack(_draw_bits(seed, M, K, p, out=bits), K) / (1 - p)
+            xa = F.linear(h, lora_A.to(dt))
+        else:  # composite: the thin product by Triton (the dropout mask drawn and stored there)
+            xa = _shrink(x, lora_A, 1.0 / (1.0 - p), **drop)
+        y = F.linear(x, weight, bias)  # then y += s * xa @ B.T, accumulated by the same cuBLAS call
+        return y.addmm_(xa.to(dt), lora_B.to(dt).t(), alpha=s), xa, bits
 
 
 def _backward(dy, x, weight, lora_A, lora_B, xa, bits, s, p, needs, plan):
@@ -741,33 +742,26 @@ def _backward(dy, x, weight, lora_A, lora_B, xa, bits, s, p, needs, plan):
     (M, K), dt = x.shape, dy.dtype
     plan, keep_scale = _plan_for(plan, M, lora_A.shape[0]), 1.0 / (1.0 - p)
     need_x, need_A, need_B = needs
-    dx = dA = dB = dy.new_empty(0)
+    dx = dA = dB = none = dy.new_empty(0)
     with _device_guard(x):
-        if plan == "cublas":
-            dyb = s * F.linear(dy, lora_B.t().to(dt))  # (M, r)
+        if plan == "cublas":  # dyb = gs * g: the scale rides on the cuBLAS calls below (alpha)
+            g, gs = dy.mm(lora_B.to(dt)), s
             if need_B:
-                dB = dy.t().mm((s * xa).to(dt))
-        else:
-            dyb, dB = _dy_pass(dy, lora_B, xa, s)
+                dB = torch.addmm(none.new_empty(()), dy.t(), xa, beta=0, alpha=s)
+        else:  # one read of dy gives dyb (float32, scaled) and dB
+            (g, dB), gs = _dy_pass(dy, lora_B, xa, s), 1.0
         if need_x and plan == "triton":
-            dx, _ = _matmul(
-                dy,
-                weight,
-                lo=dyb,
-                b_lr=lora_A,
-                lo_scale=keep_scale,
-                bits=bits if p > 0 else None,
-                direction="bwd",
-            )
+            drop = dict(bits=bits) if p > 0 else {}
+            dx, _ = _matmul(dy, weight, lo=g, b_lr=lora_A, lo_scale=keep_scale, direction="bwd", **drop)
+        elif need_x and p == 0:  # dx = dy @ W, then += gs * g @ A by the same cuBLAS call
+            dx = dy.mm(weight).addmm_(g.to(dt), lora_A.to(dt), alpha=gs)
         elif need_x:  # dx0 = keep / (1 - p) * dyb @ A, then += dy @ W
-            dx = F.linear(dyb.to(dt), lora_A.t().to(dt))
-            dx = dx if p == 0 else dx * _unpack(bits, K) * keep_scale
-            dx = dx.addmm_(dy, weight)
+            dx = g.to(dt).mm(lora_A.to(dt)).mul_(_unpack(bits, K)).mul_(gs * keep_scale).addmm_(dy, weight)
         if need_A and plan == "cublas":
             h = x if p == 0 else x * _unpack(bits, K) * keep_scale
-            dA = dyb.t().to(dt).mm(h)
+            dA = torch.addmm(none.new_empty(()), g.t(), h, beta=0, alpha=gs)
         elif need_A:  # (r, K) = dyb.T @ h: a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
-            dA = _shrink(x.t(), dyb.t(), keep_scale, bits=bits if p > 0 else None, transpose_out=True)
+            dA = _shrink(x.t(), g.t(), keep_scale, bits=bits if p > 0 else None, transpose_out=True)
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
 
 
@@ -819,12 +813,9 @@ def _lora_fwd(
 @_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, fuse):
     (M, K), r = x.shape, lora_A.shape[0]
-    bits = (M, triton.cdiv(K, 8)) if p > 0 else (0,)
-    return (
-        x.new_empty(M, weight.shape[0]),
-        x.new_empty(M, r, dtype=_acc_dtype(x)),
-        x.new_empty(bits, dtype=torch.uint8),
-    )
+    xa = x.dtype if _plan_for(plan, M, r) == "cublas" else _acc_dtype(x)
+    bits = x.new_empty(M, triton.cdiv(K, 8) if p > 0 else 0, dtype=torch.uint8)
+    return x.new_empty(M, weight.shape[0]), x.new_empty(M, r, dtype=xa), bits
 
 
 @torch.library.custom_op("minilora::lora_bwd", mutates_args=())

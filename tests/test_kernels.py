@@ -351,23 +351,13 @@ def test_compiled_layer_equals_eager():
         assert torch.equal(g, e), name
 
 
-def test_custom_op_registration_is_consistent():
+@pytest.mark.parametrize("plan,p", [("triton", 0.25), ("triton", 0.0), ("cublas", 0.0)])
+def test_custom_op_registration_is_consistent(plan, p):
     x, W, b, A, B, _ = make_inputs((20,), 12, 10, 3, torch.float32)
-    args = (
-        x,
-        W,
-        b,
-        A.requires_grad_(),
-        B.requires_grad_(),
-        2.0,
-        0.25,
-        torch.tensor([1], device=DEV),
-        "triton",
-        -1,
-    )
-    torch.library.opcheck(
-        torch.ops.minilora.lora_fwd.default, args, test_utils=("test_schema", "test_faketensor")
-    )
+    seed = torch.tensor([1], device=DEV) if p > 0 else None
+    args = (x, W, b, A.requires_grad_(), B.requires_grad_(), 2.0, p, seed, plan, -1)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.minilora.lora_fwd.default, args, test_utils=checks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -610,10 +610,13 @@ def test_linear4bit_on_cuda_equals_cpu_reference(dtype):
     xc = x.to("cuda", dtype).requires_grad_()
     y = layers[1](torch.relu(layers[0](xc)))  # the second layer's W reuses the first's buffer
     y.float().square().sum().backward()
-    xr = x.to(torch.float64).requires_grad_()
+    xr = x.to(dtype).to(torch.float64).requires_grad_()  # the same rounded input: relu's kinks agree
     yr = F.linear(torch.relu(F.linear(xr, w[0].double(), layers[0].bias.cpu().double())), w[1].double(),
                   layers[1].bias.cpu().double())  # fmt: skip
     yr.square().sum().backward()
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(y.double().cpu(), yr, **tol)
-    torch.testing.assert_close(xc.grad.double().cpu(), xr.grad, **tol)
+    for got, ref in ((y, yr), (xc.grad, xr.grad)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double().cpu(), ref.detach(), rtol=1e-4, atol=1e-4)
+        else:  # two GEMMs with 16-bit operands and outputs: a few units of 2^-8 over the tensor
+            rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+            assert rel < 1e-2, rel
