@@ -39,11 +39,15 @@ Design (each choice is explained here, once)
    4 elements in each backward pass, the bits cost M * K / 8 bytes of memory, and p stays exact. The
    seed is a device tensor drawn from torch's generator on x's device: a CUDA graph draws a new one
    per replay, activation checkpointing replays it.
-5. Plans (who computes what): "triton" = all of the above; "composite" = the big products by cuBLAS
-   (y0 = (s * xa) @ B.T; y0.addmm_(x, W.T) and dx0 = keep / (1 - p) * dyb @ A; dx0.addmm_(dy, W)),
-   the thin ones by Triton; "cublas" = every product by cuBLAS (the mask from Triton). A few rows
-   (M <= 64: decoding) are GEMVs that cuBLAS does best, and r > 128 is no longer thin: both take
-   "cublas". `_launch_config` holds every tile and split choice.
+5. Plans (who computes what): "triton" = all of the above. "composite" = every product by cuBLAS,
+   the rank-r terms accumulated into the big products' outputs (y = x @ W.T + b; y.addmm_(xa, B.T,
+   alpha=s) and dx = dy @ W; dx.addmm_(g, A, alpha=s) with g = dy @ B), Triton only for the dropout
+   mask. "hybrid" = the big products by cuBLAS, the thin ones by Triton (the shrink, the one-pass dy).
+   Measured on an H200 with Triton 3.6 (benchmarks/RESULTS.md): this Triton GEMM runs at 0.66-0.72x
+   cuBLAS' speed on Gemma's big shapes, so "composite" is the default on CUDA; the Triton thin passes
+   match cuBLAS' thin GEMMs on the GPU but cost more host time per launch. A few rows (M <= 64:
+   decoding) are GEMVs that cuBLAS does best, and r > 128 is no longer thin: both always take
+   "composite". `_launch_config` holds every tile and split choice.
 6. Adapters may stay float32 under 16-bit x: the kernels cast their tiles, and dA, dB come back in
    the adapters' dtype. float64 (for gradcheck) takes an FMA path (a broadcast multiply and a sum)
    rather than rely on tl.dot accepting fp64; its scalars still reach the kernels as float32, so it is
@@ -69,7 +73,7 @@ import triton.language as tl
 
 MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers; larger r: cuBLAS
 SMALL_M = 64  # up to this many rows (decoding): cuBLAS GEMVs
-PLANS = ("triton", "composite", "cublas")
+PLANS = ("triton", "hybrid", "composite")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -702,7 +706,7 @@ def _fuse_in_loop(N: int, r: int, p: float) -> bool:
 
 
 def _plan_for(plan: str, M: int, r: int) -> str:
-    return "cublas" if M <= SMALL_M or r > MAX_RANK else plan
+    return "composite" if M <= SMALL_M or r > MAX_RANK else plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -728,10 +732,10 @@ def _forward(x, weight, bias, lora_A, lora_B, s, p, seed, plan, fuse):
             xa = _shrink(x, lora_A, 1.0 / (1.0 - p), **drop)
             y, _ = _matmul(x, weight.t(), bias=bias, lo=xa, b_lr=lora_B.t(), lo_scale=s)
             return y, xa, bits
-        if plan == "cublas":
+        if plan == "composite":
             h = x if p == 0 else x * _unpack(_draw_bits(seed, M, K, p, out=bits), K) / (1 - p)
             xa = F.linear(h, lora_A.to(dt))
-        else:  # composite: the thin product by Triton (the dropout mask drawn and stored there)
+        else:  # hybrid: the thin product by Triton (the dropout mask drawn and stored there)
             xa = _shrink(x, lora_A, 1.0 / (1.0 - p), **drop)
         y = F.linear(x, weight, bias)  # then y += s * xa @ B.T, accumulated by the same cuBLAS call
         return y.addmm_(xa.to(dt), lora_B.to(dt).t(), alpha=s), xa, bits
@@ -744,7 +748,7 @@ def _backward(dy, x, weight, lora_A, lora_B, xa, bits, s, p, needs, plan):
     need_x, need_A, need_B = needs
     dx = dA = dB = none = dy.new_empty(0)
     with _device_guard(x):
-        if plan == "cublas":  # dyb = gs * g: the scale rides on the cuBLAS calls below (alpha)
+        if plan == "composite":  # dyb = gs * g: the scale rides on the cuBLAS calls below (alpha)
             g, gs = dy.mm(lora_B.to(dt)), s
             if need_B:
                 dB = torch.addmm(none.new_empty(()), dy.t(), xa, beta=0, alpha=s)
@@ -757,7 +761,7 @@ def _backward(dy, x, weight, lora_A, lora_B, xa, bits, s, p, needs, plan):
             dx = dy.mm(weight).addmm_(g.to(dt), lora_A.to(dt), alpha=gs)
         elif need_x:  # dx0 = keep / (1 - p) * dyb @ A, then += dy @ W
             dx = g.to(dt).mm(lora_A.to(dt)).mul_(_unpack(bits, K)).mul_(gs * keep_scale).addmm_(dy, weight)
-        if need_A and plan == "cublas":
+        if need_A and plan == "composite":
             h = x if p == 0 else x * _unpack(bits, K) * keep_scale
             dA = torch.addmm(none.new_empty(()), g.t(), h, beta=0, alpha=gs)
         elif need_A:  # (r, K) = dyb.T @ h: a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
@@ -813,7 +817,7 @@ def _lora_fwd(
 @_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, fuse):
     (M, K), r = x.shape, lora_A.shape[0]
-    xa = x.dtype if _plan_for(plan, M, r) == "cublas" else _acc_dtype(x)
+    xa = x.dtype if _plan_for(plan, M, r) == "composite" else _acc_dtype(x)
     bits = x.new_empty(M, triton.cdiv(K, 8) if p > 0 else 0, dtype=torch.uint8)
     return x.new_empty(M, weight.shape[0]), x.new_empty(M, r, dtype=xa), bits
 
@@ -881,7 +885,7 @@ def lora_linear(
     lora_A: (r, in), lora_B: (out, r), of x's dtype or float32 (their gradients come back in their own
     dtype). Dropout is applied when training and dropout_p > 0, with one mask per call drawn from
     `seed` (an int or a one-element tensor; drawn from torch's generator on x's device when None).
-    plan: "triton", "composite" or "cublas" (module docstring, 5.). fuse_shrink: force (True) or forbid
+    plan: "triton", "hybrid" or "composite" (module docstring, 5.). fuse_shrink: force (True) or forbid
     (False) the in-loop shrink of the "triton" plan; None decides by shape. Gradients flow to x, lora_A
     and lora_B only.
     """

@@ -29,11 +29,11 @@ from minilora.config import INITS
 from minilora.quant import Linear4bit, linear_4bit, load_quant_state
 
 # How LoRALinear computes its forward and backward. "torch": plain PyTorch (the equation below, as peft).
-# "triton", "composite", "cublas": the fused op of minilora.kernels with that plan (kernels/lora_linear.py
+# "triton", "hybrid", "composite": the fused op of minilora.kernels with that plan (kernels/lora_linear.py
 # explains each). "auto": _AUTO_CUDA for CUDA tensors, "torch" otherwise. Set by MINILORA_BACKEND or
 # set_backend(); on CPU the kernel plans need TRITON_INTERPRET=1 (tests).
-BACKENDS = ("auto", "torch", "triton", "composite", "cublas")
-_AUTO_CUDA = "triton"
+BACKENDS = ("auto", "torch", "triton", "hybrid", "composite")
+_AUTO_CUDA = "composite"  # the GPU probe's decision (kernels/lora_linear.py, 5.; benchmarks/RESULTS.md)
 _backend = os.environ.get("MINILORA_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"MINILORA_BACKEND={_backend!r}; expected one of {BACKENDS}")
@@ -136,9 +136,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_forward(x)
-        if self.quant_state is not None:  # a 4-bit base: the kernels take a dense W
-            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-            return self.base_forward(x) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
+        if self.quant_state is not None:  # a 4-bit base (the kernels take a dense W): as the composite
+            x2 = x.reshape(-1, x.shape[-1])  # plan, the rank-r term accumulated by the same cuBLAS call
+            y = self.base_forward(x2)  # (M, out), dequantized W; then y += s * (h @ A.T) @ B.T
+            xa = F.linear(self.dropout(x2), self.lora_A.to(x.dtype)).to(y.dtype)
+            y = y.addmm_(xa, self.lora_B.to(y.dtype).t(), alpha=self.scaling)
+            return y.view(*x.shape[:-1], self.out_features)
         plan = _plan(x)
         if plan is not None:  # float32 adapters go in as they are: the kernels cast their tiles
             from minilora.kernels import lora_linear

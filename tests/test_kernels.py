@@ -99,7 +99,7 @@ def assert_close_derived(got, x, W, b, A, B, s, dy, keep=None, p=0.0, u=None, ro
         assert worst <= 1.0, f"{name}: error {err.max().item():.3g} is {worst:.2f}x the derived bound"
 
 
-ROUNDINGS = {"triton": 2, "composite": 4, "cublas": 4}
+ROUNDINGS = {"triton": 2, "hybrid": 4, "composite": 4}
 CASES = [  # (leading dims, in K, out N, bias): none of M, K, N a multiple of a tile
     ((37,), 45, 29, True),
     ((2, 7), 33, 70, False),
@@ -165,7 +165,7 @@ def test_small_m_takes_the_cublas_products(monkeypatch):
     assert_close_derived(got, x, W, b, A, B, 0.5, dy, roundings=4)
 
 
-@pytest.mark.parametrize("plan", ["triton", "composite"])
+@pytest.mark.parametrize("plan", ["triton", "hybrid"])
 def test_non_contiguous_inputs_bias_and_grad_output(plan):
     x, W, b, A, B, _ = make_inputs((40,), 11, 24, 5, torch.float32)
     x = torch.randn(40, 11, 3, device=DEV).permute(2, 1, 0)  # (3, 11, 40), not contiguous
@@ -180,7 +180,7 @@ def test_non_contiguous_inputs_bias_and_grad_output(plan):
 
 @pytest.mark.parametrize(
     "plan,p,fuse_shrink",
-    [("triton", 0.0, None), ("triton", 0.5, None), ("triton", 0.0, False), ("composite", 0.5, None)],
+    [("triton", 0.0, None), ("triton", 0.5, None), ("triton", 0.0, False), ("hybrid", 0.5, None)],
 )
 def test_gradcheck_float64(plan, p, fuse_shrink):
     # float64 runs the kernels' FMA path (no fp64 tl.dot); s and 1/(1-p) are exact in the kernels'
@@ -236,7 +236,7 @@ def test_tf32_is_read_through_either_torch_api(api):
 
 
 @pytest.mark.parametrize(
-    "plan,fuse_shrink", [("triton", None), ("triton", False), ("composite", None), ("cublas", None)]
+    "plan,fuse_shrink", [("triton", None), ("triton", False), ("hybrid", None), ("composite", None)]
 )
 def test_one_dropout_mask_in_forward_and_both_backward_uses(plan, fuse_shrink):
     lead, K, N, r, p, seed = (2, 9), 40, 24, 5, 0.3, 1234
@@ -351,7 +351,7 @@ def test_compiled_layer_equals_eager():
         assert torch.equal(g, e), name
 
 
-@pytest.mark.parametrize("plan,p", [("triton", 0.25), ("triton", 0.0), ("cublas", 0.0)])
+@pytest.mark.parametrize("plan,p", [("triton", 0.25), ("triton", 0.0), ("composite", 0.0)])
 def test_custom_op_registration_is_consistent(plan, p):
     x, W, b, A, B, _ = make_inputs((20,), 12, 10, 3, torch.float32)
     seed = torch.tensor([1], device=DEV) if p > 0 else None
@@ -385,7 +385,7 @@ def count_fused_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("backend", ["triton", "composite", "cublas"])
+@pytest.mark.parametrize("backend", ["triton", "hybrid", "composite"])
 def test_lora_linear_kernel_backends_match_torch_backend(backend, monkeypatch):
     layer = lora_layer(40, 24, 4, dropout=0.1).eval()  # eval: dropout off, so both paths are exact
     x = torch.randn(2, 5, 40, device=DEV)
