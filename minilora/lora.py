@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.config import INITS
+from minilora.config import check
 
 # "auto": the fused Triton kernel for CUDA tensors, plain PyTorch otherwise. "torch" or "triton"
 # forces a path (on CPU the Triton path needs TRITON_INTERPRET=1). Set by MINILORA_BACKEND or set_backend().
@@ -66,14 +66,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
+        for setting, value in dict(
+            r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
+        ).items():
+            check(setting, value, f"LoRALinear: {setting}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r
         self.set_scaling(alpha, use_rslora)
@@ -104,8 +100,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        check("alpha", alpha, "LoRALinear: alpha")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge before changing the scaling of a merged LoRA layer")
         self.alpha, self.use_rslora = float(alpha), use_rslora

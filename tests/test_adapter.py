@@ -450,7 +450,7 @@ def test_missing_lora_alpha_defaults_to_peft_s_8(tmp_path):
         (dict(lora_alpha=-1), r"lora_alpha \(the alpha of model.layers.0.self_attn.q_proj\) must be"),
         (dict(lora_alpha="8"), r"lora_alpha .* must be a number > 0, got '8'"),
         (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\), got 1.0"),
-        (dict(use_rslora="yes"), "use_rslora must be true or false"),
+        (dict(use_rslora="yes"), "use_rslora must be a bool"),
     ],
 )
 def test_bad_config_values_fail_before_the_model_is_touched(tmp_path, changes, message):
