@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-log = logging.getLogger(__name__)
+from minilora.gemma import IGNORE_INDEX
 
-IGNORE = -100  # label of a position that carries no loss
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "chat", "template")
 # The fields each format needs (alpaca's "input" may be missing or empty).
@@ -215,11 +215,11 @@ def encode(
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): [bos] + segment ids (+ [eos_id], learned). Sequences are cut
     at max_len tokens (the end goes)."""
-    ids, labels = [tok.bos_id], [IGNORE]
+    ids, labels = [tok.bos_id], [IGNORE_INDEX]
     for text, learned in segs:
         piece = tok.encode(text, add_bos=False)
         ids += piece
-        labels += piece if (learned or not mask_prompt) else [IGNORE] * len(piece)
+        labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
     if eos_id is not None:
         ids.append(eos_id)
         labels.append(eos_id)
@@ -256,7 +256,7 @@ class SFTData:
 
     def summary(self) -> str:
         n_tokens = sum(self.lengths)
-        n_labels = sum(sum(1 for x in labels if x != IGNORE) for _, labels in self.examples)
+        n_labels = sum(sum(1 for x in labels if x != IGNORE_INDEX) for _, labels in self.examples)
         return (
             f"{len(self)} examples ({self.format}), {n_tokens} tokens, {n_labels} with loss; "
             f"truncated: {self.n_truncated} of the examples; "
@@ -306,7 +306,7 @@ def tokenize(
             raise ValueError(f"{where}: {e}") from None
         ids, labels, truncated = encode(segs, tok, max_len=max_len, mask_prompt=mask_prompt, eos_id=eos_id)
         # The model predicts labels[1:] (shifted inside), so a label on position 0 alone counts for nothing.
-        if all(x == IGNORE for x in labels[1:]):
+        if all(x == IGNORE_INDEX for x in labels[1:]):
             data.n_skipped += 1
             continue
         data.n_truncated += truncated
@@ -344,7 +344,7 @@ def collate(
     Right padding under causal attention changes nothing at the real positions, so no mask is needed."""
     T = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for b, (ids, lab) in enumerate(examples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
@@ -354,8 +354,8 @@ def collate(
 def n_targets(labels) -> int:
     """Positions the loss counts: labels after the shift (position 0 is never predicted)."""
     if isinstance(labels, torch.Tensor):
-        return int((labels[..., 1:] != IGNORE).sum())
-    return sum(1 for x in labels[1:] if x != IGNORE)
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 class StepSampler:
