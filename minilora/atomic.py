@@ -26,7 +26,7 @@ def write_files(files: dict[Path, Callable[[Path], object]]) -> None:
     temps: list[tuple[Path, Path]] = []
     try:
         for path, write in files.items():
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            tmp = temp_path(path)
             temps.append((tmp, path))
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             mode = os.stat(tmp).st_mode & 0o777
@@ -44,6 +44,11 @@ def write_files(files: dict[Path, Callable[[Path], object]]) -> None:
     for tmp, path in temps:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh name beside `path` to write it under: hidden, random, ending in .tmp."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
 def previous(folder: Path) -> Path:
