@@ -19,8 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.atomic import write_files
@@ -116,6 +114,8 @@ def save_adapter(
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    from safetensors.torch import save_file  # here, so that `import minilora.kernels` needs no safetensors
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -153,6 +153,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
         raise ValueError(f"{config_path}: DoRA adapters (use_dora=true) are not supported yet")
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{config_path}: fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:

@@ -130,7 +130,7 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | None, device) -> torch.Tensor:
     """Boolean (T, S), True where query q_start + t may see key k_start + s: causal, and within
-    the window (i - window < j <= i) on sliding layers."""
+    the window on sliding layers (GemmaConfig.sliding_window)."""
     q = torch.arange(q_start, q_start + T, device=device)[:, None]
     k = torch.arange(k_start, k_start + S, device=device)[None, :]
     mask = k <= q
@@ -206,19 +206,14 @@ class Attention(nn.Module):
 
         # The mask: none when every key is visible (one new token, window not exceeded), the
         # causal flag when queries and keys are the same positions within one window, else explicit.
-        everything_visible = T == 1 and (self.window is None or self.window >= S)
-        plain_causal = k_start == pos and S == T and (self.window is None or self.window >= T)
-        mask = (
-            None
-            if everything_visible or plain_causal
-            else attention_mask(pos, T, k_start, S, self.window, x.device)
-        )
-
+        all_visible = T == 1 and (self.window is None or self.window >= S)
+        causal = not all_visible and k_start == pos and S == T and (self.window is None or self.window >= T)
+        mask = None if all_visible or causal else attention_mask(pos, T, k_start, S, self.window, x.device)
         if self.softcap is None:
+            gqa = self.n_kv != self.n_head
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=plain_causal and not everything_visible,
-                scale=self.scale, enable_gqa=self.n_kv != self.n_head,
-            )  # fmt: skip
+                q, k, v, mask, is_causal=causal, scale=self.scale, enable_gqa=gqa
+            )
         else:
             # Soft-capped logits (Gemma 2) need the scores in hand: tanh between the product and
             # the softmax. Query heads are grouped over their shared key/value head (no copy).
@@ -226,7 +221,7 @@ class Attention(nn.Module):
             qg = q.view(B, self.n_kv, rep, T, self.head_dim)  # (B, nkv, rep, T, hd)
             att = (qg @ k.unsqueeze(2).transpose(-2, -1)) * self.scale  # (B, nkv, rep, T, S)
             att = softcap(att, self.softcap)
-            if mask is None and not everything_visible:
+            if causal:
                 mask = attention_mask(pos, T, k_start, S, self.window, x.device)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
@@ -274,28 +269,18 @@ class DecoderLayer(nn.Module):
         return h
 
 
-class _Body(nn.Module):
-    """Hugging Face's `model.` level: embed_tokens, layers, norm."""
-
-    def __init__(self, config: GemmaConfig):
-        super().__init__()
-        weight = torch.empty(config.vocab_size, config.hidden_size)
-        if not weight.is_meta:  # nn.Embedding's own init; skipped on meta, where the first normal_
-            nn.init.normal_(weight)  # imports ~900 torch modules (+146 MB resident) for nothing
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-
-
 class Gemma(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.model = _Body(config)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:  # nn.Embedding's own init; skipped on meta, where the first normal_
+            nn.init.normal_(weight)  # imports ~900 torch modules (+146 MB resident) for nothing
+        self.model = nn.ModuleDict(dict(  # Hugging Face's `model.` level, for the checkpoint's names
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))  # fmt: skip
         self.gradient_checkpointing = False  # recompute each layer in backward (saves activations)
         self.name_or_path: str | None = None
 
@@ -317,18 +302,16 @@ class Gemma(nn.Module):
         c = self.config
         B, T = input_ids.shape
         pos = cache.seen if cache is not None else 0
-        emb = self.model.embed_tokens
-        h = emb(input_ids)  # (B, T, d)
+        h = self.model.embed_tokens(input_ids)  # (B, T, d)
         # sqrt(d) rounded to the activation dtype first, as the reference does (55.5 in bf16 for d=3072).
         h = h * torch.tensor(c.hidden_size**0.5, dtype=h.dtype)
         positions = torch.arange(pos, pos + T, device=input_ids.device)
-        # cos/sin per layer kind: False = full attention, True = sliding window.
-        rope = {
-            False: rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, h.dtype),
-            True: rope_cos_sin(
-                positions, c.head_dim, c.rope_local_base_freq, c.rope_local_scaling_factor, h.dtype
-            ),
+        # (base, scaling factor) and then cos/sin per layer kind: False = full attention, True = sliding.
+        bases = {
+            False: (c.rope_theta, c.rope_scaling_factor),
+            True: (c.rope_local_base_freq, c.rope_local_scaling_factor),
         }
+        rope = {kind: rope_cos_sin(positions, c.head_dim, *bases[kind], h.dtype) for kind in bases}
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope[c.sliding_layers[i]]

@@ -290,6 +290,8 @@ def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     randomize(model, seed=2)
 
+    import safetensors.torch
+
     import minilora.adapter as adapter_mod
 
     def broken_save(tensors, path, metadata=None):
@@ -297,7 +299,7 @@ def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_mod, "save_file", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         ml.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either

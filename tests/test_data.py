@@ -18,7 +18,6 @@ from minilora.data import (
     load_dataset,
     n_targets,
     prompt_and_target,
-    read_jsonl,
     tokenize,
 )
 from minilora.gemma import IGNORE_INDEX
@@ -200,10 +199,10 @@ def write(tmp_path, lines, name="d.jsonl"):
 def test_malformed_json_names_file_and_line(tmp_path):
     p = write(tmp_path, [json.dumps({"text": "a"}), "", '{"text": "b"', json.dumps({"text": "c"})])
     with pytest.raises(ValueError, match=r"d\.jsonl:3: malformed JSON"):
-        read_jsonl(p)
+        load_dataset(p, TOK)
     p = write(tmp_path, ["[1, 2]"], "list.jsonl")
     with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object"):
-        read_jsonl(p)
+        load_dataset(p, TOK)
 
 
 def test_missing_field_names_the_field_and_the_format(tmp_path):
@@ -248,7 +247,7 @@ def test_chat_records_follow_the_templates_rules(tmp_path):
 
 def test_empty_dataset_and_bad_templates(tmp_path):
     with pytest.raises(ValueError, match="empty"):
-        read_jsonl(write(tmp_path, ["", "  "]))
+        load_dataset(write(tmp_path, ["", "  "]), TOK)
     with pytest.raises(ValueError, match="empty"):
         tokenize([], TOK)
     with pytest.raises(ValueError, match="no {field} placeholder"):
