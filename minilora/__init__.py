@@ -5,8 +5,8 @@ names = minilora.inject(model, minilora.LoRAConfig(r=8, alpha=16, targets=["q_pr
 minilora.save_adapter(model, out_dir); minilora.load_adapter(model, out_dir)   # peft's format
 minilora.merge(model); minilora.unmerge(model); with minilora.disabled(model): ...
 
-Importing it needs torch, safetensors and numpy only; sentencepiece is imported when a Tokenizer
-is built, the `gguf` package by minilora.gguf, triton by minilora.kernels.
+Importing it needs torch alone: sentencepiece is imported when a Tokenizer is built, safetensors
+when adapter files are read or written, numpy and `gguf` by minilora.gguf, triton by minilora.kernels.
 """
 
 from minilora import gemma

@@ -12,7 +12,7 @@ What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
 - Gemma's RMSNorm weights were stored with the 1 of `(1 + w)` added: we subtract it again;
 - q/k are *not* permuted for Gemma (llama.cpp permutes them only for LLaMA-style rope layouts);
 - the tokenizer lives in the metadata (`tokenizer.ggml.tokens/scores/token_type`); we write it back
-  as a SentencePiece `tokenizer.model` (see _sentencepiece_model).
+  as a SentencePiece `tokenizer.model` (see sentencepiece_model).
 Facts llama.cpp hard-codes for Gemma 3 instead of storing them (the local rope base 10,000, a full
 attention layer every 6th, the query scale) are filled in the same way llama.cpp fills them.
 
