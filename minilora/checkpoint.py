@@ -50,6 +50,9 @@ _DEFAULTS = {
         sliding_window=4096, attn_logit_softcapping=None, final_logit_softcapping=None,
     ),
 }  # fmt: skip
+# The sizes config.json states under GemmaConfig's own names.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads")  # fmt: skip
 # GELU spellings (transformers' ACT2FN names) -> F.gelu's `approximate`.
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -80,12 +83,7 @@ def config_from_hf(hf: dict) -> GemmaConfig:
         raise ValueError("attention_bias=True is not a Gemma layout; Gemma projections have no bias")
     window = c.get("sliding_window")
     return GemmaConfig(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"],
-        num_key_value_heads=c["num_key_value_heads"],
+        **{k: c[k] for k in _SIZES},
         head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or c.get("head_dim") or 256),

@@ -66,9 +66,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        for setting, value in dict(
-            r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
-        ).items():
+        settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        for setting, value in settings.items():
             check(setting, value, f"LoRALinear: {setting}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r

@@ -107,17 +107,10 @@ class TrainConfig:
 
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Settings that do not change the trajectory of a run, so a resume may change them.
-RESUME_MAY_CHANGE = (
-    "out_dir",
-    "resume",
-    "overwrite",
-    "eval_every",
-    "save_every",
-    "log_every",
-    "eval_batch_size",
-    "grad_checkpointing",  # recomputing a layer in backward gives the same numbers (RNG state included)
-)
+# Settings that do not change the trajectory of a run, so a resume may change them (recomputing a
+# layer in backward gives the same numbers, RNG state included, hence grad_checkpointing).
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "log_every",
+                     "eval_batch_size", "grad_checkpointing")  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
