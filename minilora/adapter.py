@@ -110,10 +110,8 @@ def save_adapter(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None)
     config = _peft_config(model, layers, base_model_name_or_path)
-    tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    tensors = {f"{PREFIX}{name}.{which}.weight": getattr(m, which).detach().contiguous().cpu()
+               for name, m in layers.items() for which in ("lora_A", "lora_B")}  # fmt: skip
     from safetensors.torch import save_file  # here, so that `import minilora.kernels` needs no safetensors
 
     out = Path(out_dir)
@@ -137,11 +135,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not an adapter folder (peft or minilora)")
     if not weights_path.is_file():
-        hint = (
-            " (found adapter_model.bin: convert it to safetensors)"
-            if (d / "adapter_model.bin").exists()
-            else ""
-        )
+        bin_file = (d / "adapter_model.bin").exists()
+        hint = " (found adapter_model.bin: convert it to safetensors)" if bin_file else ""
         raise FileNotFoundError(f"{weights_path} is missing{hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -172,15 +167,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
     for name, pair in modules.items():
         if len(pair) != 2:
             raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
-        if pair["lora_A"].ndim != 2 or pair["lora_B"].ndim != 2 or 0 in pair["lora_A"].shape:
+        A, B = pair["lora_A"], pair["lora_B"]
+        if A.ndim != 2 or B.ndim != 2 or 0 in A.shape or A.shape[0] != B.shape[1]:
             raise ValueError(
-                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
-                f"{tuple(pair['lora_B'].shape)} must be non-empty matrices"
-            )
-        if pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
-            raise ValueError(
-                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
-                f"{tuple(pair['lora_B'].shape)} disagree on the rank"
+                f"{weights_path}: {name}.lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be "
+                "non-empty matrices (r, in) and (out, r) of one rank r"
             )
     return config, modules
 

@@ -311,15 +311,9 @@ def base_weights_digest(model: nn.Module, n: int = 4096) -> str:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 flat = p.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // n)][:n].contiguous().cpu()  # (<= n,)
                 yield f"{name}:{tuple(p.shape)}:{p.dtype};".encode()
-                yield (
-                    flat[:: max(1, flat.numel() // n)][:n]
-                    .contiguous()
-                    .cpu()
-                    .view(torch.uint8)
-                    .numpy()
-                    .tobytes()
-                )
+                yield sample.view(torch.uint8).numpy().tobytes()
 
     return "sha256 " + _sha256(chunks())
 
