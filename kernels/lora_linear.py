@@ -2,70 +2,74 @@
 Fused LoRA linear layer
 =======================
 
-The op (Hu et al. 2021, "LoRA"), for x: (M, K), W: (N, K), b: (N,), A: (r, K), B: (N, r):
+The op (Hu et al. 2021, "LoRA"), for x: (M, K), W: (N, K), b: (N,), A: (r, K), B: (N, r), scaling s:
 
-    h  = dropout(x) = x * keep / (1 - p)           keep ~ Bernoulli(1 - p), regenerated, never stored
-    xa = h @ A.T                                    (M, r)   float32
-    y  = x @ W.T + b + s * xa @ B.T                 (M, N)
+    h   = dropout(x) = keep * x / (1 - p)          keep ~ Bernoulli(1 - p), one mask per step
+    xa  = h @ A.T                                  (M, r)   float32
+    y   = x @ W.T + b + (s * xa) @ B.T             (M, N)
 
 and its backward with W and b frozen (no dW, no db), for dy: (M, N):
 
-    dyb = s * dy @ B                                (M, r)   float32
-    dx  = dy @ W + keep / (1 - p) * (dyb @ A)       (M, K)
-    dA  = dyb.T @ h                                 (r, K)
-    dB  = s * dy.T @ xa                             (N, r)
+    dyb = s * dy @ B                               (M, r)   float32
+    dB  = dy.T @ (s * xa)                          (N, r)
+    dx  = dy @ W + keep / (1 - p) * (dyb @ A)      (M, K)
+    dA  = dyb.T @ h                                (r, K)
 
-Design: two kernels.
-(1) `_lora_mm_kernel` is the tiled GEMM of the Triton matmul tutorial, out = x @ w + b, whose epilogue
-    adds the rank-r term lr_scale * (xa @ b_lr): one extra (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N) dot per
-    output tile, i.e. a K -> K + r longer reduction. It gives y (forward) and dx (backward; there the
-    epilogue also multiplies by the regenerated dropout mask).
-(2) `_shrink_kernel` computes a thin product out = scale * x @ a.T with r <= 128 columns: xa, dyb, and
-    (on transposed views) dA and dB. It reads its big operand once and keeps a (BLOCK_M, R_PAD) float32
-    accumulator; when too few row blocks fill the GPU (dA, dB reduce over all M tokens) the reduction
-    is split into chunks whose float32 partials are summed afterwards (deterministic, no atomics).
-    Dropout is applied to x as it is loaded, from a Philox counter keyed on (row, column) of x, so no
-    mask is ever stored.
-Where xa (dyb) comes from is a cost trade-off, so both exist. The GEMM can accumulate it in its own
-K loop from the x (dy) tiles it loads anyway (FUSE_SHRINK): no extra pass over x, no extra launch, but
-each of the N / BLOCK_N column tiles redoes it, ~R_PAD / BLOCK_N more tensor-core work. A separate
-`_shrink_kernel` pass costs one more read of x instead: memory-bound, ~(F / BW) / N of the GEMM's time.
-Narrow outputs with a small r (R_PAD * N < 30k) take the first, the rest the second (`_fuse_shrink`):
-on gemma-3-1b the forward of q/k/v/o and the dx of every projection but down for r <= 16, and k/v's
-forward up to r = 64; nothing of gemma-7b or gemma-2-9b. Forward dropout always takes the second (a
-Philox draw per element of x in every column tile would cost more than the GEMM).
+Design (each choice is explained here, once)
+--------------------------------------------
+1. Big products (x @ W.T forward, dy @ W backward) are one tiled GEMM, `_mm_kernel` (the Triton
+   matmul tutorial's), whose float32 accumulator *starts* at the rank-r term, then adds the K loop:
 
-Blocked algorithm of `_lora_mm_kernel` (one program per (BLOCK_M, BLOCK_N) tile of out):
+       acc = (s * xa) @ B.T          (dx: keep / (1 - p) * dyb @ A, masked with the stored bits)
+       for k in range(0, K, BLOCK_K):  acc += x[:, k:k+BK] @ W.T[k:k+BK, :]
+       y = acc + b
 
-    acc = zeros((BLOCK_M, BLOCK_N), float32)
-    for k in range(0, K, BLOCK_K):
-        acc += x[m : m+BLOCK_M, k : k+BLOCK_K] @ w[k : k+BLOCK_K, n : n+BLOCK_N]
-        (FUSE_SHRINK: xa_acc += x[m : m+BLOCK_M, k : k+BLOCK_K] @ a[k : k+BLOCK_K, :R_PAD])
-    acc += lr_scale * (keep[m, n] *) xa[m : m+BLOCK_M, :R_PAD] @ b_lr[:R_PAD, n : n+BLOCK_N]
-    out[m : m+BLOCK_M, n : n+BLOCK_N] = (acc + bias[n : n+BLOCK_N]).to(out.dtype)
-
-r is padded to R_PAD, a power of two >= 16 (tl.dot's smallest tile), with masked loads (other=0.0).
-Pointer offsets are computed in int64: a transposed view (x.T for dA, dy.T for dB) steps by a whole row
-of features per token, and tokens x features passes 2^31 at realistic sizes (e.g. 87k tokens of a
-24576-wide gemma-7b MLP).
-xa is kept in float32 and rounded to the activation dtype just before its dot, as a bf16 PyTorch
-LoRA rounds its (M, r) intermediate. float64 (for gradcheck, not for speed) takes an FMA path, a
-broadcast multiply and a sum in float64, rather than rely on tl.dot accepting fp64 everywhere; its
-scalars (scaling, 1 / (1 - p)) still reach the kernels as float32, so float64 results are exact only
-for scalars that float32 represents exactly (the gradcheck test uses 0.5 and 2).
+   One (BLOCK_M, BLOCK_N) accumulator: a second one for the rank-r term made the large tiles spill
+   registers inside the K loop. The rank-r term costs a K -> K + r longer reduction.
+2. Thin products (r <= 128 columns) are memory-bound passes that read their big operand once:
+   `_shrink_kernel` (xa = h @ A.T; dA = dyb.T @ h on x's transposed view) and `_dy_kernel` (dyb and
+   dB from one read of dy). Where too few row blocks fill the GPU, the reduction is split into chunks
+   whose float32 partials are summed afterwards: deterministic, no atomics.
+3. In-loop shrink: when the output is a single column tile (N <= BLOCK_N, r <= 32, no dropout), the
+   GEMM also accumulates xa from the x tiles it loads anyway: one launch, one read of x. With several
+   column tiles each would redo it (+R_PAD / BLOCK_N tensor work), so the separate pass is used.
+4. Dropout: one mask per step, drawn in the forward's shrink pass from Philox (all four 32-bit outputs
+   used, one call per 4 elements) and stored as 1 bit per element (M * K / 8 bytes, 1/16 of a bf16 x);
+   dx and dA read the bits. Stored rather than regenerated: regeneration would cost a Philox call per
+   4 elements in each backward pass, the bits cost M * K / 8 bytes of memory, and p stays exact. The
+   seed is a device tensor drawn from torch's generator on x's device: a CUDA graph draws a new one
+   per replay, activation checkpointing replays it.
+5. Plans (who computes what): "triton" = all of the above; "composite" = the big products by cuBLAS
+   (y0 = (s * xa) @ B.T; y0.addmm_(x, W.T) and dx0 = keep / (1 - p) * dyb @ A; dx0.addmm_(dy, W)),
+   the thin ones by Triton; "cublas" = every product by cuBLAS (the mask from Triton). A few rows
+   (M <= 64: decoding) are GEMVs that cuBLAS does best, and r > 128 is no longer thin: both take
+   "cublas". `_launch_config` holds every tile and split choice.
+6. Adapters may stay float32 under 16-bit x: the kernels cast their tiles, and dA, dB come back in
+   the adapters' dtype. float64 (for gradcheck) takes an FMA path (a broadcast multiply and a sum)
+   rather than rely on tl.dot accepting fp64; its scalars still reach the kernels as float32, so it is
+   exact only for scalars float32 represents exactly.
+7. Pointer offsets are int64: x.T (dA) steps a whole row of features per token, and tokens x features
+   passes 2^31 at realistic sizes (87k tokens of gemma-7b's 24576-wide MLP).
+8. torch.compile and CUDA graphs: under torch.compile the op is the registered custom op
+   `minilora::lora_fwd` / `minilora::lora_bwd` (opaque to the tracer, no graph break); eager calls
+   skip the dispatcher's overhead through a torch.autograd.Function with the same implementation. The
+   first call of each (shape bucket, dtype, rank) autotunes the GEMM (~7 configs; results cached on
+   disk where Triton supports it): warm up once before capturing a graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers; larger r: plain GEMMs (lora_linear)
+MAX_RANK = 128  # the (BLOCK_M, R_PAD) accumulators live in registers; larger r: cuBLAS
+SMALL_M = 64  # up to this many rows (decoding): cuBLAS GEMVs
+PLANS = ("triton", "composite", "cublas")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,39 +77,73 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Device helpers
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep(seed, rows, cols, p):
-    """Dropout keep-mask for elements (rows, cols) of x: Philox keyed on (col, row), u >= p."""
-    r = (rows + cols * 0).to(tl.uint32)  # broadcast both to the tile's shape
-    c = (cols + rows * 0).to(tl.uint32)
-    zero = c * 0
-    rand, _, _, _ = tl.philox(seed, c, r, zero, zero)
-    return tl.uint_to_uniform_float(rand) >= p
+def _mm(a, b, acc, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a (P, Q) @ b (Q, S), accumulated in float32 (float64 on the FMA path)."""
+    if FP64:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    if (
+        UPCAST
+    ):  # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot; bf16 * bf16 is exact in fp32
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _mm(a, b, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """a (P, Q) @ b (Q, S) accumulated in float32 (float64 on the FMA path)."""
-    if FP64:
-        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+def _keep_tile(seed, offs_m, k0, p, BM: tl.constexpr, BK: tl.constexpr):
+    """The dropout keep-mask of x[offs_m, k0 : k0 + BK] (k0 a multiple of 4): element (m, k) is kept
+    when output k % 4 of Philox(seed; counter (k // 4, m)) is >= p as a uniform float."""
+    g = k0 // 4 + tl.arange(0, BK // 4)
+    c0 = (g[None, :] + offs_m[:, None] * 0).to(tl.uint32)  # (BM, BK // 4)
+    c1 = (offs_m[:, None] + g[None, :] * 0).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # 4 outputs per counter
+    return tl.uint_to_uniform_float(r) >= p
+
+
+@triton.jit
+def _pack_bits(keep, BM: tl.constexpr, BK: tl.constexpr):
+    """(BM, BK) bool -> (BM, BK // 8) uint8: bit j of byte i is keep[:, 8 * i + j]."""
+    weights = (1 << tl.arange(0, 8)).to(tl.int32)
+    return tl.sum(tl.reshape(keep.to(tl.int32), (BM, BK // 8, 8)) * weights[None, None, :], axis=2).to(
+        tl.uint8
+    )
+
+
+@triton.jit
+def _read_keep(
+    bits_ptr, offs_t, f0, stride_bits, mask_t, BT: tl.constexpr, BF: tl.constexpr, T_ROWS: tl.constexpr
+):
+    """keep for tokens offs_t (BT,) x features f0 : f0 + BF (f0 a multiple of 8) from the stored bits, as a
+    (BT, BF) tile (T_ROWS) or its (BF, BT) transpose. One byte load per 8 elements: a load per element
+    would hold a 64-bit address per element and spill the GEMM's registers."""
+    offs_b = (f0 // 8 + tl.arange(0, BF // 8)).to(tl.int64)
+    mask = mask_t[:, None] & (offs_b[None, :] < stride_bits)  # the bits are contiguous rows of K / 8 bytes
+    byte = tl.load(
+        bits_ptr + offs_t.to(tl.int64)[:, None] * stride_bits + offs_b[None, :], mask=mask, other=0
+    )
+    byte = byte.to(tl.int32)
+    shifts = tl.arange(0, 8)
+    if T_ROWS:
+        keep = tl.reshape((byte[:, :, None] >> shifts[None, None, :]) & 1, (BT, BF))
     else:
-        # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot; bf16 * bf16 is exact in fp32
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
+        keep = tl.reshape((tl.trans(byte)[:, None, :] >> shifts[None, :, None]) & 1, (BF, BT))
+    return keep != 0
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernel 1: thin product out[s] = scale * dropout(x)[:, chunk s] @ a[:, chunk s].T
+# Kernel 1: thin product out[s] = scale * h[:, chunk s] @ a[:, chunk s].T    (xa forward, dA backward)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
+@triton.jit
 def _shrink_kernel(
     # Pointers
     x_ptr,
     a_ptr,
     out_ptr,
-    # Sizes: x is (M, K), a is (R, K), out is (SPLIT, M, R); program (i, s) reduces K-chunk s
+    bits_ptr,
+    seed_ptr,
+    # Sizes: x (M, K), a (R, K), out (SPLIT, M, R); program (i, s) reduces K-chunk s
     M,
     K,
     R,
@@ -118,16 +156,16 @@ def _shrink_kernel(
     stride_os,
     stride_om,
     stride_or,
+    stride_bits,
     # Scale and dropout
     scale,
-    seed,
     p,
     # Meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr,
-    DROPOUT: tl.constexpr,  # zero x where keep(row, col) is False
-    X_IS_T: tl.constexpr,  # x is the transpose of the dropout input: element (i, k) has mask coords (k, i)
+    MASK: tl.constexpr,  # 0: none; 1: draw keep for x (M tokens, K features), store its bits; 2: x is
+    # h's transpose (M features, K tokens): read keep from the bits
     FP64: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -141,6 +179,8 @@ def _shrink_kernel(
     k_lo = pid_s * k_per_split  # k_per_split is a multiple of BLOCK_K: chunks never overlap
     rows = offs_m.to(tl.int64)[:, None] * stride_xm
     a_cols = offs_r.to(tl.int64)[None, :] * stride_ar
+    if MASK == 1:
+        seed = tl.load(seed_ptr)
     if FP64:
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
     else:
@@ -148,48 +188,121 @@ def _shrink_kernel(
     for k0 in range(0, k_per_split, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        offs_k64 = offs_k.to(tl.int64)  # on x.T, offs_k * stride_xk is tokens x features: > 2^31
-        x = tl.load(
-            x_ptr + rows + offs_k64[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        # a^T tile: (BLOCK_K, R_PAD), in x's dtype (a may be a float32 intermediate: xa, dyb)
+        mask_mk = mask_m[:, None] & mask_k[None, :]
+        offs_k64 = offs_k.to(tl.int64)
+        x = tl.load(x_ptr + rows + offs_k64[None, :] * stride_xk, mask=mask_mk, other=0.0)
+        # a^T tile (BLOCK_K, R_PAD) in x's dtype (a may be float32: adapters, dyb)
         a = tl.load(
-            a_ptr + offs_k64[:, None] * stride_ak + a_cols,
-            mask=mask_k[:, None] & mask_r[None, :],
-            other=0.0,
+            a_ptr + offs_k64[:, None] * stride_ak + a_cols, mask=mask_k[:, None] & mask_r[None, :], other=0.0
         ).to(x.dtype)
-        if DROPOUT:
-            if X_IS_T:
-                keep = _keep(seed, offs_k[None, :], offs_m[:, None], p)
-            else:
-                keep = _keep(seed, offs_m[:, None], offs_k[None, :], p)
+        if MASK == 1:
+            keep = _keep_tile(seed, offs_m, k_lo + k0, p, BLOCK_M, BLOCK_K)
+            offs_b = ((k_lo + k0) // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)
+            mask_b = mask_m[:, None] & (offs_b[None, :] < tl.cdiv(K, 8))
+            b_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_b[None, :]
+            tl.store(b_ptrs, _pack_bits(keep, BLOCK_M, BLOCK_K), mask=mask_b)
             x = tl.where(keep, x, 0.0).to(a.dtype)
-        acc += _mm(x, a, FP64, UPCAST, PRECISION)
-    acc = acc * scale
+        if MASK == 2:  # x (BLOCK_M features, BLOCK_K tokens)
+            keep = _read_keep(bits_ptr, offs_k, pid_m * BLOCK_M, stride_bits, mask_k, BLOCK_K, BLOCK_M, False)
+            x = tl.where(keep, x, 0.0).to(a.dtype)
+        acc = _mm(x, a, acc, FP64, UPCAST, PRECISION)
     out_ptrs = (
         out_ptr
         + pid_s.to(tl.int64) * stride_os
         + offs_m.to(tl.int64)[:, None] * stride_om
         + offs_r.to(tl.int64)[None, :] * stride_or
     )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernel 2: out = x @ w + bias + lr_scale * [keep *] (xa @ b_lr)   (the base GEMM, rank-r epilogue;
-#           with FUSE_SHRINK it also computes xa = shrink_scale * x @ a in its own K loop)
+# Kernel 2: one read of dy gives dyb[s] = scale * dy[:, chunk s] @ b[chunk s] and the partials
+#           db[i] = dy[rows i, :].T @ xa_s[rows i]   (xa_s = s * xa rounded as the forward used it)
 # ----------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
-def _lora_mm_kernel(
+@triton.jit
+def _dy_kernel(
+    # Pointers
+    dy_ptr,
+    b_ptr,
+    xa_ptr,
+    dyb_ptr,
+    db_ptr,
+    # Sizes: dy (M, N), b (N, R), xa (M, R); dyb partials (SPLIT, M, R), db partials (M_BLOCKS, N, R)
+    M,
+    N,
+    R,
+    n_per_split,
+    # Strides (elements); both partial buffers are contiguous
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_xam,
+    stride_xar,
+    # Scales
+    scale,
+    xa_scale,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr,
+    FP64: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    m64, r64 = offs_m.to(tl.int64), offs_r.to(tl.int64)
+    xa = tl.load(
+        xa_ptr + m64[:, None] * stride_xam + r64[None, :] * stride_xar,
+        mask=mask_m[:, None] & mask_r[None, :],
+        other=0.0,
+    )
+    xa = (xa * xa_scale).to(dy_ptr.dtype.element_ty)
+    if FP64:
+        dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
+        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float64)
+    else:
+        dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for n0 in range(0, n_per_split, BLOCK_N):
+        offs_n = pid_s * n_per_split + n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        dy = tl.load(
+            dy_ptr + m64[:, None] * stride_dym + n64[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        mask_nr = mask_n[:, None] & mask_r[None, :]
+        b = tl.load(b_ptr + n64[:, None] * stride_bn + r64[None, :] * stride_br, mask=mask_nr, other=0.0)
+        dyb = _mm(dy, b.to(dy.dtype), dyb, FP64, UPCAST, PRECISION)
+        db = _mm(tl.trans(dy), xa, zero, FP64, UPCAST, PRECISION)  # (BLOCK_N, R_PAD)
+        db_ptrs = db_ptr + (pid_m.to(tl.int64) * N + n64[:, None]) * R + r64[None, :]
+        tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=mask_nr)
+    dyb_ptrs = dyb_ptr + (pid_s.to(tl.int64) * M + m64[:, None]) * R + r64[None, :]
+    tl.store(dyb_ptrs, (dyb * scale).to(dyb_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 3: out = x @ w + bias + [keep *] (lo_scale * lo) @ b_lr      (the GEMM; see the docstring, 1.)
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _mm_kernel(
     # Pointers
     x_ptr,
     w_ptr,
     bias_ptr,
-    xa_ptr,
+    lo_ptr,
     a_ptr,
     b_ptr,
     out_ptr,
-    # Sizes: x (M, K), w (K, N), xa (M, R), a (K, R), b_lr (R, N), out (M, N)
+    bits_ptr,
+    # Sizes: x (M, K), w (K, N), lo (M, R), a (K, R), b_lr (R, N), out (M, N)
     M,
     N,
     K,
@@ -200,28 +313,26 @@ def _lora_mm_kernel(
     stride_xk,
     stride_wk,
     stride_wn,
-    stride_xam,
-    stride_xar,
+    stride_lom,
+    stride_lor,
     stride_ak,
     stride_ar,
     stride_br,
     stride_bn,
     stride_om,
     stride_on,
-    # FUSE_SHRINK: xa = shrink_scale * x @ a computed here; rank-r epilogue: scale, dropout mask
-    shrink_scale,
-    lr_scale,
-    seed,
-    p,
+    stride_bits,
+    # scale of the rank-r input: s (forward), 1 / (1 - p) (dx)
+    lo_scale,
     # Meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr,
+    LORA: tl.constexpr,  # 0: plain GEMM; 1: rank-r term from lo; 2: lo = x @ a in the K loop, stored
+    KEEP: tl.constexpr,  # mask the rank-r term with the stored dropout bits (dx)
     HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr,  # accumulate xa in the K loop (and store it from column tile 0)
     FP64: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -240,107 +351,120 @@ def _lora_mm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_r = offs_r < R
-    # pointer offsets in int64 (row x stride passes 2^31 on big inputs); the K loop steps by BLOCK_K
+    mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
     m64, n64, k64, r64 = offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64), offs_r.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    lo_ptrs = lo_ptr + m64[:, None] * stride_lom + r64[None, :] * stride_lor
+    b_ptrs = b_ptr + r64[:, None] * stride_br + n64[None, :] * stride_bn
+    mask_rn = mask_r[:, None] & mask_n[None, :]
+
+    # (2) the accumulator starts at the rank-r term: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), in steps of 16
+    #     ranks (the tensor cores' k): a whole (BLOCK_M, 128) operand would crowd the registers
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        lo = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lo = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if LORA == 1:
+        for r0 in tl.static_range(0, R_PAD, 16):
+            offs_c = r0 + tl.arange(0, 16)
+            lo_c = tl.load(
+                lo_ptr + m64[:, None] * stride_lom + offs_c.to(tl.int64)[None, :] * stride_lor,
+                mask=mask_m[:, None] & (offs_c[None, :] < R),
+                other=0.0,
+            )
+            b_c = tl.load(
+                b_ptr + offs_c.to(tl.int64)[:, None] * stride_br + n64[None, :] * stride_bn,
+                mask=(offs_c[:, None] < R) & mask_n[None, :],
+                other=0.0,
+            )
+            acc = _mm((lo_c * lo_scale).to(dtype), b_c.to(dtype), acc, FP64, UPCAST, PRECISION)
+        if KEEP:
+            keep = _read_keep(bits_ptr, offs_m, pid_n * BLOCK_N, stride_bits, mask_m, BLOCK_M, BLOCK_N, True)
+            acc = tl.where(keep, acc, 0.0)
+
+    # (3) the K loop: acc += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
     x_ptrs = x_ptr + m64[:, None] * stride_xm + k64[None, :] * stride_xk
     w_ptrs = w_ptr + k64[:, None] * stride_wk + n64[None, :] * stride_wn
     a_ptrs = a_ptr + k64[:, None] * stride_ak + r64[None, :] * stride_ar
-    xa_ptrs = xa_ptr + m64[:, None] * stride_xam + r64[None, :] * stride_xar
-    step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    step_w = tl.cast(stride_wk, tl.int64) * BLOCK_K
-    step_a = tl.cast(stride_ak, tl.int64) * BLOCK_K
-
-    # (2) the base GEMM: acc (BLOCK_M, BLOCK_N) += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        xa_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xa_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += _mm(x, w, FP64, UPCAST, PRECISION)
-        if FUSE_SHRINK:  # the same x tile, times a tile (BLOCK_K, R_PAD)
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            xa_acc += _mm(x, a, FP64, UPCAST, PRECISION)
-            a_ptrs += step_a
-        x_ptrs += step_x
-        w_ptrs += step_w
+        acc = _mm(x, w, acc, FP64, UPCAST, PRECISION)
+        if LORA == 2:  # the same x tile, times a tile (BLOCK_K, R_PAD)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(dtype)
+            lo = _mm(x, a, lo, FP64, UPCAST, PRECISION)
+            a_ptrs += tl.cast(stride_ak, tl.int64) * BLOCK_K
+        x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
+        w_ptrs += tl.cast(stride_wk, tl.int64) * BLOCK_K
 
-    # (3) the rank-r epilogue: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), xa rounded to the activation dtype
-    mask_mr = mask_m[:, None] & mask_r[None, :]
-    if FUSE_SHRINK:
-        xa = xa_acc * shrink_scale
-        if pid_n == 0:  # one column tile writes xa for backward
-            tl.store(xa_ptrs, xa.to(xa_ptr.dtype.element_ty), mask=mask_mr)
-    else:
-        xa = tl.load(xa_ptrs, mask=mask_mr, other=0.0)
-    b = tl.load(
-        b_ptr + r64[:, None] * stride_br + n64[None, :] * stride_bn,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
-    )
-    low_rank = _mm(xa.to(b.dtype), b, FP64, UPCAST, PRECISION)
-    if DROPOUT:
-        low_rank = tl.where(_keep(seed, offs_m[:, None], offs_n[None, :], p), low_rank, 0.0)
-    acc += low_rank * lr_scale
+    # (4) in-loop shrink: store xa for backward (one column tile: every program owns its rows), add it
+    if LORA == 2:
+        tl.store(lo_ptrs, lo.to(lo_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+        b = tl.load(b_ptrs, mask=mask_rn, other=0.0).to(dtype)
+        acc = _mm((lo * lo_scale).to(dtype), b, acc, FP64, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n64, mask=mask_n, other=0.0).to(acc.dtype)[None, :]  # contiguous
-
-    # (4) one cast at the end
     out_ptrs = out_ptr + m64[:, None] * stride_om + n64[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
-def _mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Materialise keep (M, K) as int8: for tests and for anyone who wants to see the mask."""
+@triton.jit
+def _bits_kernel(bits_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dropout bits alone (dropout_mask, and the cuBLAS plan): the same draw as _shrink_kernel."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, offs_m[:, None], offs_k[None, :], p)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+    k0 = tl.program_id(1) * BLOCK_K
+    keep = _keep_tile(tl.load(seed_ptr), offs_m, k0, p, BLOCK_M, BLOCK_K)
+    offs_b = (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)
+    kb = tl.cdiv(K, 8)
+    mask = (offs_m[:, None] < M) & (offs_b[None, :] < kb)
+    tl.store(
+        bits_ptr + offs_m.to(tl.int64)[:, None] * kb + offs_b[None, :],
+        _pack_bits(keep, BLOCK_M, BLOCK_K),
+        mask=mask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch configuration: every tile, split and autotuning choice
 # ----------------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     # triton.jit decides at decoration time (TRITON_INTERPRET=1 when this module was imported)
-    return "Interpreted" in type(_lora_mm_kernel).__name__
+    return "Interpreted" in type(_mm_kernel).__name__
 
 
-# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the fused GEMM on a recent GPU.
-# Tensor-core path (16-bit inputs, float32 with TF32 allowed): the Triton matmul tutorial's configs,
-# autotuned, plus a small one that fits in shared memory in every case (98 KB at worst: float32,
-# in-loop shrink, R_PAD = 128) and gives small-N shapes (k/v, N = 256) more tiles.
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the GEMM on the tensor cores: the
+# Triton matmul tutorial's, each checked spill-free for sm_90 at R_PAD = 128 (tests/test_kernels.py),
+# plus a small one that fits in shared memory in every case and gives small-N shapes more tiles.
 _FALLBACK_CONFIG = (64, 64, 32, 3, 4)
 _MM_CONFIGS = [
     (128, 256, 64, 3, 8),
-    (128, 128, 64, 4, 4),
-    (128, 128, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),  # the tutorial's 4-warp form spills with the dropout mask (255 registers)
+    (64, 256, 64, 3, 8),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     _FALLBACK_CONFIG,
 ]
-# float32 without TF32 ("ieee", PyTorch's default) is an FMA loop on every GPU: big tensor-core tiles
-# buy nothing there and take seconds each to compile, so one config, no autotuning. Likewise for
-# problems of a few rows (M <= 64): autotuning a 37-row GEMM is pointless, one compile is enough.
-_FMA_CONFIG = _FALLBACK_CONFIG
-_TINY_M, _TINY_CONFIG = 64, (32, 64, 32, 2, 4)
+_FUSE_MAX_R_PAD = 32  # in-loop shrink: a second (BLOCK_M, R_PAD) accumulator, small enough not to spill
 _SMEM_H100 = 232_448  # bytes of shared memory a block may use on sm_90 (227 KB)
 
 
 def _smem_bytes(bm: int, bn: int, bk: int, stages: int, r_pad: int, fuse: bool, elsize: int) -> int:
-    """Shared memory of a tensor-core config: num_stages buffered tiles of x (BM, BK) and w (BK, BN), and
-    with the in-loop shrink a (BK, R_PAD) tile of a. The epilogue reuses these buffers. Equal to the
-    compiled kernels' metadata.shared on sm_90 for every config above (bf16 and fp32, R_PAD 16..128)."""
-    return stages * (bm * bk + bk * bn + (bk * r_pad if fuse else 0)) * elsize
+    """Shared memory of a tensor-core config, an upper bound of what sm_90 compiles (tested):
+    num_stages buffered tiles of x (BM, BK) and w (BK, BN), plus a (16, BN) step of the rank-r term,
+    or with the in-loop shrink num_stages (BK, R_PAD) tiles of a and the epilogue's xa and b tiles."""
+    rank_r = stages * bk * r_pad + (bm + bn) * r_pad if fuse else 16 * bn
+    return (stages * (bm * bk + bk * bn) + rank_r) * elsize
+
+
+def _spills(bm: int, bn: int, warps: int, r_pad: int, fuse: bool) -> bool:
+    """Whether a config spills registers on sm_90: float32 accumulator elements per thread (the
+    (BM, BN) tile, plus (BM, R_PAD) with the in-loop shrink) above 144, measured by compiling every
+    config (tests/sm90_compile.py): 160 spilled, 144 and below did not."""
+    return bm * (bn + (r_pad if fuse else 0)) > 144 * 32 * warps
 
 
 @functools.cache
@@ -351,20 +475,34 @@ def _smem_limit(device_index: int) -> int:
         return _SMEM_H100
 
 
-def _fitting(configs, r_pad: int, fuse: bool, elsize: int, limit: int) -> list:
-    """The configs whose tiles fit in `limit` bytes of shared memory; never empty (else the smallest)."""
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keep_configs(configs, *, N, r_pad, fuse, elsize, limit):
+    """The configs that fit in `limit` bytes of shared memory, do not spill registers and, with the
+    in-loop shrink, cover N in one column tile; never empty: else the one with the least shared memory."""
     smem = lambda c: _smem_bytes(
         c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, r_pad, fuse, elsize
     )
-    return [c for c in configs if smem(c) <= limit] or [min(configs, key=smem)]
+    spills = lambda c: _spills(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, r_pad, fuse)
+    ok = lambda c: smem(c) <= limit and not spills(c) and (not fuse or c.kwargs["BLOCK_N"] >= N)
+    return [c for c in configs if ok(c)] or [min(configs, key=smem)]
 
 
-def _prune_by_smem(configs, named_args, **meta):
-    """early_config_prune: drop the configs that do not fit in the device's shared memory (the autotuner
-    would compile them only to score them as failed, and raise if none were left)."""
+def _prune(configs, named_args, **meta):
+    """The autotuner's early_config_prune: compile and time only the configs that can run."""
     x = named_args["x_ptr"]
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _fitting(configs, meta["R_PAD"], meta["FUSE_SHRINK"], x.element_size(), _smem_limit(device))
+    return _keep_configs(
+        configs,
+        N=named_args["N"],
+        r_pad=meta["R_PAD"],
+        fuse=meta["LORA"] == 2,
+        elsize=x.element_size(),
+        limit=_smem_limit(device),
+    )
 
 
 def _config(bm, bn, bk, stages, warps) -> triton.Config:
@@ -377,21 +515,15 @@ def _config(bm, bn, bk, stages, warps) -> triton.Config:
 def _autotuned_mm(direction: str):
     """One autotuner per call site ("fwd": x @ W.T, "bwd": dy @ W): their memory layouts differ."""
     del direction  # only separates the caches
-    # keyed on M rounded up to a power of two, not M: a new sequence length must not re-tune
-    return triton.autotune(
+    kwargs = dict(
         configs=[_config(*c) for c in _MM_CONFIGS],
-        key=["m_bucket", "N", "K", "R_PAD", "FUSE_SHRINK"],
-        prune_configs_by={"early_config_prune": _prune_by_smem},
-    )(_lora_mm_kernel)
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+        key=["m_bucket", "N", "K", "R_PAD", "LORA", "KEEP", "HAS_BIAS"],  # M rounded: no re-tune per length
+        prune_configs_by={"early_config_prune": _prune},
+    )
+    try:
+        return triton.autotune(**kwargs, cache_results=True)(_mm_kernel)  # Triton >= 3.2: cached on disk
+    except TypeError:
+        return triton.autotune(**kwargs)(_mm_kernel)
 
 
 def _tf32_allowed() -> bool:
@@ -407,270 +539,437 @@ def _tf32_allowed() -> bool:
 
 
 def _common_meta(dtype: torch.dtype, interpreting: bool) -> dict:
-    if dtype == torch.float32 and not _tf32_allowed():
-        precision = "ieee"  # PyTorch's float32 matmul default; tf32 only where the user allowed it
-    else:
-        precision = "tf32"  # ignored for 16-bit inputs
+    # float32 takes tf32 only where the user allowed it (PyTorch's default is "ieee"); 16-bit ignores it
+    precision = "ieee" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
     return dict(
         FP64=dtype == torch.float64, UPCAST=interpreting and dtype == torch.bfloat16, PRECISION=precision
     )
 
 
-def _shrink(x, a, scale, *, seed=0, p=0.0, dropout=False, x_is_t=False, transpose_out=False):
-    """scale * dropout(x) @ a.T for x (M, K), a (R, K) (any strides) -> (M, R) float32 (float64 for
-    float64 x), or (R, M) with transpose_out."""
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _split(blocks: int, size: int, block: int, sms: int, min_chunk: int) -> tuple[int, int]:
+    """(splits, size per split): split a reduction of `size` only where `blocks` leave SMs idle."""
+    split = 1 if 2 * blocks >= sms else min(triton.cdiv(2 * sms, blocks), triton.cdiv(size, min_chunk))
+    per = triton.cdiv(triton.cdiv(size, max(split, 1)), block) * block
+    return triton.cdiv(size, per), per
+
+
+def _launch_config(kind: str, *, M: int, N: int, K: int, r_pad: int, x: torch.Tensor) -> dict:
+    """Tiles, splits and warps for `kind` in ("mm", "shrink", "dy") on x's device: the one place where
+    launch configurations are chosen. "mm" returns `config` (a fixed tile) or None (autotune)."""
+    interp = _interpreting()
+    fp64, ieee = x.dtype == torch.float64, _common_meta(x.dtype, interp)["PRECISION"] == "ieee"
+    sms = (
+        4
+        if interp
+        else _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    )
+    if kind == "mm":
+        # one config, no autotuning: the interpreter runs programs one by one; float64 (gradcheck) and
+        # float32 "ieee" are FMA loops where big tensor-core tiles buy nothing and compile for seconds
+        if interp:
+            return dict(config=(32, 32, 16, 1, 4))
+        if fp64:
+            return dict(config=(32, 32, 8, 3, 4))
+        return dict(config=_FALLBACK_CONFIG if x.dtype == torch.float32 and ieee else None)
+    if interp:  # small tiles, a pretend 4-SM machine: the tests cross tile and split boundaries
+        block_m, block_k, warps, min_chunk = 32, 16, 4, 16
+    elif fp64:
+        block_m, block_k, warps, min_chunk = 32, 8, 4, 256
+    else:  # memory-bound: wide loads, enough programs in flight to keep every SM streaming
+        block_m, block_k, warps, min_chunk = 64, (128 if r_pad <= 32 else 64), 4, 512
+    if kind == "shrink":  # x (M, K) reduced over K
+        split, per = _split(triton.cdiv(M, block_m), K, block_k, sms, min_chunk)
+        return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=3, split=split, per=per)
+    # "dy": dy (M, N) read once; its rows give dyb (reduced over N), its columns dB (reduced over M)
+    block_m = 32 if interp else 128
+    split, per = _split(triton.cdiv(M, block_m), N, block_k, sms, min_chunk)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_k, num_warps=4 if interp else 8, num_stages=3, split=split, per=per
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _shrink(x, a, scale, *, bits=None, seed=None, p=0.0, transpose_out=False):
+    """scale * h @ a.T for x (M, K), a (R, K) (any strides) -> (M, R) in the accumulation dtype, or
+    (R, M) with transpose_out. seed given: h = keep * x with keep drawn and its bits stored in `bits`
+    (M, K/8); bits given without seed: x is h's transpose, keep read from bits."""
     (M, K), R = x.shape, a.shape[0]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if M == 0 or K == 0:  # no rows, or an empty sum (dA and dB of zero tokens): nothing to launch
-        return torch.zeros((R, M) if transpose_out else (M, R), device=x.device, dtype=acc_dtype)
-    interpreting = _interpreting()
-    r_pad = _r_pad(R)
-    if interpreting:  # small tiles, a pretend 4-SM machine: the tests cross tile and split boundaries
-        block_m, block_k, warps, sms, min_chunk = 32, 16, 4, 4, 16
-    else:
-        sms = _num_sms(x.device.index)
-        if x.dtype == torch.float64:
-            block_m, block_k, warps, min_chunk = 32, 8, 4, 256
-        else:  # memory-bound: enough row blocks to keep every SM streaming x
-            block_k = 64 if r_pad <= 64 else 32
-            block_m = 64 if triton.cdiv(M, 64) >= sms else 32
-            warps, min_chunk = 4, 512
-    # Split the reduction only where the row blocks leave most SMs idle (dA and dB reduce over all M
-    # tokens): float32 partials, summed afterwards by torch (deterministic, one extra launch).
-    row_blocks = triton.cdiv(M, block_m)
-    split = 1 if 2 * row_blocks >= sms else min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(K, min_chunk))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
-    if transpose_out:
-        out = torch.empty(split, R, M, device=x.device, dtype=acc_dtype)
-        stride_os, stride_om, stride_or = out.stride(0), out.stride(2), out.stride(1)
-    else:
-        out = torch.empty(split, M, R, device=x.device, dtype=acc_dtype)
-        stride_os, stride_om, stride_or = out.stride()
-    _shrink_kernel[(row_blocks, split)](
-        x, a, out,
-        M, K, R, k_per_split,
+    if M == 0 or K == 0:  # no rows, or an empty sum (dA of zero tokens): nothing to launch
+        return torch.zeros((R, M) if transpose_out else (M, R), device=x.device, dtype=_acc_dtype(x))
+    cfg = _launch_config("shrink", M=M, N=R, K=K, r_pad=_r_pad(R), x=x)
+    split = cfg.pop("split")
+    out = torch.empty((split, R, M) if transpose_out else (split, M, R), device=x.device, dtype=_acc_dtype(x))
+    stride_os, stride_om, stride_or = out.stride(0), *out.stride()[1:][:: -1 if transpose_out else 1]
+    mask = 0 if bits is None else (1 if seed is not None else 2)
+    _shrink_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), split)](
+        x, a, out, x if bits is None else bits, x if seed is None else seed,
+        M, K, R, cfg.pop("per"),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), stride_os, stride_om, stride_or,
-        float(scale), seed, float(p),
-        BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, DROPOUT=dropout, X_IS_T=x_is_t,
-        num_warps=warps, num_stages=3, **_common_meta(x.dtype, interpreting),
+        0 if bits is None else bits.stride(0),
+        float(scale), float(p),
+        R_PAD=_r_pad(R), MASK=mask, **cfg, **_common_meta(x.dtype, _interpreting()),
     )  # fmt: skip
     return out[0] if split == 1 else out.sum(0)
 
 
-def _lora_mm(
-    x, w, bias, b_lr, lr_scale, *, direction, xa=None, a=None, shrink_scale=1.0, seed=0, p=0.0, dropout=False
-):
-    """out = x (M, K) @ w (K, N) + bias + lr_scale * [keep *] xa (M, R) @ b_lr (R, N), in x.dtype.
-
-    Either xa is given, or a (K, R) is and xa = shrink_scale * x @ a is computed in the same K loop.
-    Returns (out, xa)."""
-    (M, K), N = x.shape, w.shape[1]
-    R = b_lr.shape[0]
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    fuse = a is not None
-    if fuse:
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xa = torch.empty(M, R, device=x.device, dtype=acc_dtype)
-    if out.numel() == 0:  # nothing to launch (xa of a zero-width layer is the empty sum)
-        return out, xa.zero_() if fuse else xa
-    interpreting = _interpreting()
-    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with stride 1
-    a_ = a if fuse else b_lr  # a placeholder pointer when unused
-    args = (
-        x, w, x if bias is None else bias, xa, a_, b_lr, out,
-        M, N, K, R, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), xa.stride(0), xa.stride(1),
-        a_.stride(0), a_.stride(1), b_lr.stride(0), b_lr.stride(1), out.stride(0), out.stride(1),
-        float(shrink_scale), float(lr_scale), seed, float(p),  # float32 scalars, also for float64 x
+def _dy_pass(dy, lora_B, xa, s):
+    """(dyb, dB) = (s * dy @ B, dy.T @ (s * xa)) from one read of dy (M, N); B (N, r), xa (M, r)."""
+    (M, N), R = dy.shape, lora_B.shape[1]
+    acc = _acc_dtype(dy)
+    if M == 0 or N == 0:
+        return torch.zeros(M, R, device=dy.device, dtype=acc), torch.zeros(N, R, device=dy.device, dtype=acc)
+    cfg = _launch_config("dy", M=M, N=N, K=N, r_pad=_r_pad(R), x=dy)
+    split, m_blocks = cfg.pop("split"), triton.cdiv(M, cfg["BLOCK_M"])
+    dyb = torch.empty(split, M, R, device=dy.device, dtype=acc)
+    db = torch.empty(m_blocks, N, R, device=dy.device, dtype=acc)
+    _dy_kernel[(m_blocks, split)](
+        dy, lora_B, xa, dyb, db,
+        M, N, R, cfg.pop("per"),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+        float(s), float(s),
+        R_PAD=_r_pad(R), **cfg, **_common_meta(dy.dtype, _interpreting()),
     )  # fmt: skip
-    meta = dict(R_PAD=_r_pad(R), HAS_BIAS=bias is not None, DROPOUT=dropout, FUSE_SHRINK=fuse)
-    meta.update(_common_meta(x.dtype, interpreting))
-    # one config, no autotuning: the interpreter runs programs one by one; fp64 is for gradcheck, not
-    # speed; float32 "ieee" is an FMA loop; a few rows are not worth tuning (see _FMA_CONFIG)
-    if interpreting:
-        config = (32, 32, 16, 1, 4)
-    elif x.dtype == torch.float64:
-        config = (32, 32, 8, 3, 4)
-    elif M <= _TINY_M:
-        config = _TINY_CONFIG
-    elif meta["PRECISION"] == "ieee" and x.dtype == torch.float32:
-        config = _FMA_CONFIG
-    else:
+    return (dyb[0] if split == 1 else dyb.sum(0)), (db[0] if m_blocks == 1 else db.sum(0))
+
+
+def _matmul(
+    x, w, *, bias=None, lo=None, b_lr=None, lo_scale=1.0, a=None, bits=None, direction="fwd", config=None
+):
+    """out = x (M, K) @ w (K, N) + bias + [keep *] (lo_scale * lo (M, R)) @ b_lr (R, N), in x.dtype.
+    a (K, R) given instead of lo: lo = x @ a is computed in the K loop and returned. Returns (out, lo)."""
+    (M, K), N = x.shape, w.shape[1]
+    R = 0 if b_lr is None else b_lr.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    lora = 0 if b_lr is None else (2 if a is not None else 1)
+    if lora == 2:
+        lo = torch.empty(M, R, device=x.device, dtype=_acc_dtype(x))
+    if out.numel() == 0:  # nothing to launch (lo of a zero-width layer is the empty sum)
+        return out, lo.zero_() if lora == 2 else lo
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with stride 1
+    lo_, a_, b_ = (t if t is not None else x for t in (lo, a, b_lr))  # placeholder pointers when unused
+    args = (
+        x, w, x if bias is None else bias, lo_, a_, b_, out, x if bits is None else bits,
+        M, N, K, R, triton.next_power_of_2(M),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), lo_.stride(0), lo_.stride(1),
+        a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), out.stride(0), out.stride(1),
+        0 if bits is None else bits.stride(0), float(lo_scale),
+    )  # fmt: skip
+    meta = dict(R_PAD=_r_pad(max(R, 1)), LORA=lora, KEEP=bits is not None, HAS_BIAS=bias is not None)
+    meta.update(_common_meta(x.dtype, _interpreting()))
+    config = config or _launch_config("mm", M=M, N=N, K=K, r_pad=meta["R_PAD"], x=x)["config"]
+    if config is None:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
         _autotuned_mm(direction)[grid](*args, **meta)
-        return out, xa
+        return out, lo
     bm, bn, bk, stages, warps = config
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _lora_mm_kernel[grid](
+    _mm_kernel[grid](
         *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=stages, num_warps=warps, **meta
     )
-    return out, xa
+    return out, lo
 
 
-# Where to compute the rank-r shrink (xa = x @ A.T forward, dyb = dy @ B backward): inside the GEMM's K
-# loop, every one of the N / BLOCK_N column tiles redoes it, ~R_PAD / BLOCK_N (BLOCK_N ~ 128) more
-# tensor-core work; as a separate pass it costs one more read of x, memory-bound, ~(F / BW) / N of the
-# GEMM's time (F / BW ~ 230 flop/byte on an H100). The in-loop form wins when R_PAD * N < 128 * 230.
-_FUSE_SHRINK_BELOW = 30_000
+def _draw_bits(seed: torch.Tensor, M: int, K: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dropout bits (M, K/8) for `seed`, drawn as _shrink_kernel draws them."""
+    bits = torch.empty(M, triton.cdiv(K, 8), dtype=torch.uint8, device=seed.device) if out is None else out
+    if bits.numel():
+        bm, bk = 32, 64
+        _bits_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+            bits, seed, M, K, float(p), BLOCK_M=bm, BLOCK_K=bk
+        )
+    return bits
 
 
-def _fuse_shrink(r: int, n_out: int) -> bool:
-    return _r_pad(r) * n_out < _FUSE_SHRINK_BELOW
+def _unpack(bits: torch.Tensor, K: int) -> torch.Tensor:
+    """bits (M, K/8) uint8 -> keep (M, K) bool."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :K].bool()
+
+
+def _fuse_in_loop(N: int, r: int, p: float) -> bool:
+    """The in-loop shrink (docstring, 3.): one column tile of the widest config, a small rank."""
+    return p == 0 and _r_pad(r) <= _FUSE_MAX_R_PAD and max(c[1] for c in _MM_CONFIGS) >= N
+
+
+def _plan_for(plan: str, M: int, r: int) -> str:
+    return "cublas" if M <= SMALL_M or r > MAX_RANK else plan
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd
+# Forward and backward (one implementation for the autograd.Function and the torch.library op)
 # ----------------------------------------------------------------------------------------------------
+def _device_guard(x: torch.Tensor):
+    """Triton launches on the current CUDA device, not x's: make x's device current (under torchrun,
+    rank k's tensors live on GPU k)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _forward(x, weight, bias, lora_A, lora_B, s, p, seed, plan, fuse):
+    """x (M, K) -> (y (M, N), xa (M, r), bits (M, K/8) or empty)."""
+    (M, K), dt = x.shape, x.dtype
+    plan = _plan_for(plan, M, lora_A.shape[0])
+    fuse = p == 0 and (fuse if fuse is not None else _fuse_in_loop(weight.shape[0], lora_A.shape[0], p))
+    bits = torch.empty(M, triton.cdiv(K, 8) if p > 0 else 0, dtype=torch.uint8, device=x.device)
+    with _device_guard(x):
+        if plan == "cublas":
+            h = x if p == 0 else x * _unpack(_draw_bits(seed, M, K, p, out=bits), K) / (1 - p)
+            xa = F.linear(h, lora_A.to(dt)).to(_acc_dtype(x))
+        elif plan == "triton" and fuse:  # xa in the GEMM's K loop (docstring, 3.)
+            y, xa = _matmul(x, weight.t(), bias=bias, b_lr=lora_B.t(), lo_scale=s, a=lora_A.t())
+            return y, xa, bits
+        else:
+            xa = _shrink(x, lora_A, 1.0 / (1.0 - p), bits=bits if p > 0 else None, seed=seed, p=p)
+        if plan == "triton":
+            y, _ = _matmul(x, weight.t(), bias=bias, lo=xa, b_lr=lora_B.t(), lo_scale=s)
+            return y, xa, bits
+        y = F.linear((s * xa).to(dt), lora_B.to(dt), bias)  # y0 = (s * xa) @ B.T (+ b), then += x @ W.T
+        return y.addmm_(x, weight.t()), xa, bits
+
+
+def _backward(dy, x, weight, lora_A, lora_B, xa, bits, s, p, needs, plan):
+    """dy (M, N) -> dx (M, K), dA (r, K), dB (N, r); an empty tensor for each gradient not needed."""
+    (M, K), dt = x.shape, dy.dtype
+    plan, keep_scale = _plan_for(plan, M, lora_A.shape[0]), 1.0 / (1.0 - p)
+    need_x, need_A, need_B = needs
+    dx = dA = dB = dy.new_empty(0)
+    with _device_guard(x):
+        if plan == "cublas":
+            dyb = s * F.linear(dy, lora_B.t().to(dt))  # (M, r)
+            if need_B:
+                dB = dy.t().mm((s * xa).to(dt))
+        else:
+            dyb, dB = _dy_pass(dy, lora_B, xa, s)
+        if need_x and plan == "triton":
+            dx, _ = _matmul(
+                dy,
+                weight,
+                lo=dyb,
+                b_lr=lora_A,
+                lo_scale=keep_scale,
+                bits=bits if p > 0 else None,
+                direction="bwd",
+            )
+        elif need_x:  # dx0 = keep / (1 - p) * dyb @ A, then += dy @ W
+            dx = F.linear(dyb.to(dt), lora_A.t().to(dt))
+            dx = dx if p == 0 else dx * _unpack(bits, K) * keep_scale
+            dx = dx.addmm_(dy, weight)
+        if need_A and plan == "cublas":
+            h = x if p == 0 else x * _unpack(bits, K) * keep_scale
+            dA = dyb.t().to(dt).mm(h)
+        elif need_A:  # (r, K) = dyb.T @ h: a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
+            dA = _shrink(x.t(), dyb.t(), keep_scale, bits=bits if p > 0 else None, transpose_out=True)
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """y = x @ W.T + b + s * dropout(x) @ A.T @ B.T; saves x, W, A, B and xa (M, r), nothing else."""
+    """Eager autograd for the op; saves x, W, A, B, xa and the dropout bits, nothing else."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, fuse_shrink):
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        r, drop = lora_A.shape[0], dict(seed=seed, p=p, dropout=p > 0)
-        # xa (M, r) = dropout(x) @ A.T, float32; in the GEMM's K loop only without dropout, which would
-        # cost a Philox draw per element of x in every column tile
-        fuse = p == 0 and (_fuse_shrink(r, weight.shape[0]) if fuse_shrink is None else fuse_shrink)
-        if fuse:
-            y, xa = _lora_mm(x2, weight.t(), bias, lora_B.t(), scaling, a=lora_A.t(), direction="fwd")
-        else:
-            xa = _shrink(x2, lora_A, 1.0 / (1.0 - p), **drop)
-            y, _ = _lora_mm(x2, weight.t(), bias, lora_B.t(), scaling, xa=xa, direction="fwd")  # (M, N)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape, ctx.fuse_shrink = scaling, p, seed, x.shape, fuse_shrink
-        return y.view(*x.shape[:-1], weight.shape[0])
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, fuse):
+        y, xa, bits = _forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, fuse)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, bits)
+        ctx.scaling, ctx.p, ctx.plan = scaling, p, plan
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p, keep_scale = ctx.scaling, ctx.p, 1.0 / (1.0 - ctx.p)
-        drop = dict(seed=ctx.seed, p=p, dropout=p > 0)  # regenerates the forward's mask
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
-        dx = dA = dB = dyb = None
-        # dx (M, K) = dy @ W + keep / (1 - p) * dyb @ A, with dyb (M, r) = s * dy @ B, float32, computed
-        # in the same K loop (its dropout mask is applied to dx's tile, so fusing is always possible)
-        fuse = ctx.fuse_shrink if ctx.fuse_shrink is not None else _fuse_shrink(lora_A.shape[0], x2.shape[1])
-        if need_x and fuse:
-            dx, dyb = _lora_mm(
-                dy2, weight, None, lora_A, keep_scale, a=lora_B, shrink_scale=s, direction="bwd", **drop
-            )
-        elif need_x or need_A:
-            dyb = _shrink(dy2, lora_B.t(), s)
-            if need_x:
-                dx, _ = _lora_mm(dy2, weight, None, lora_A, keep_scale, xa=dyb, direction="bwd", **drop)
-        if need_A:
-            # (r, K) = dyb.T @ dropout(x): a reduction over the M tokens of x.T (K, M) and dyb.T (r, M)
-            dA = _shrink(x2.t(), dyb.t(), keep_scale, x_is_t=True, transpose_out=True, **drop).to(
-                lora_A.dtype
-            )
-        if need_B:
-            dB = _shrink(dy2.t(), xa.t(), s).to(lora_B.dtype)  # (N, r) = s * dy.T @ xa
-        dx = None if dx is None else dx.view(ctx.x_shape)
-        return dx, None, None, dA, dB, None, None, None, None
+        x, weight, lora_A, lora_B, xa, bits = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dA, dB = _backward(
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            xa,
+            bits,
+            ctx.scaling,
+            ctx.p,
+            (needs[0], needs[3], needs[4]),
+            ctx.plan,
+        )
+        return (
+            (dx if needs[0] else None),
+            None,
+            None,
+            (dA if needs[3] else None),
+            (dB if needs[4] else None),
+            *[None] * 5,
+        )
 
 
-def _draw_seed() -> int:
-    # From torch's CPU generator: reproducible under torch.manual_seed, no device sync, and replayed by
-    # activation checkpointing (which restores the CPU RNG state before recomputing).
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+@torch.library.custom_op("minilora::lora_fwd", mutates_args=())
+def _lora_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, p: float, seed: torch.Tensor | None, plan: str, fuse: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, None if fuse < 0 else bool(fuse))
 
 
-def lora_linear(
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False, *, seed=None, fuse_shrink=None
-):
-    """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T with fused Triton kernels.
-
-    x: (..., in); weight: (out, in), frozen; bias: (out,) or None, frozen; lora_A: (r, in);
-    lora_B: (out, r); all of x's dtype (float16, bfloat16, float32 or float64) and device. Dropout
-    is applied when training and dropout_p > 0; its mask comes from `seed` (drawn from torch's RNG
-    when None) and is regenerated in backward. Gradients flow to x, lora_A and lora_B only.
-    fuse_shrink: compute x @ A.T (dy @ B) inside the GEMM's K loop (True) or as a separate pass
-    (False); None decides by shape (see _fuse_shrink). Forward dropout always takes the separate pass.
-    r > MAX_RANK (128) is computed with plain GEMMs (cuBLAS) and the same dropout mask.
-    """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        # What F.linear does under autocast: every operand in the autocast dtype; the kernels then run
-        # with autocast off (their backward has no autocast-affected op).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-        with torch.autocast(x.device.type, enabled=False):
-            args = map(cast, (x, weight, bias, lora_A, lora_B))
-            return lora_linear(*args, scaling, dropout_p, training, seed=seed, fuse_shrink=fuse_shrink)
-    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    p = float(dropout_p) if training else 0.0
-    if p > 0 and seed is None:
-        seed = _draw_seed()
-    if lora_A.shape[0] > MAX_RANK:
-        # Not thin any more: the rank-r products are ordinary GEMMs, left to cuBLAS (same mask).
-        keep = dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device) if p > 0 else None
-        h = x if keep is None else x * keep.view(x.shape) / (1.0 - p)
-        return F.linear(x, weight, bias) + scaling * F.linear(F.linear(h, lora_A), lora_B)
-    return LoRALinearFunction.apply(
-        x, weight, bias, lora_A, lora_B, float(scaling), p, int(seed or 0), fuse_shrink
+@_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, p, seed, plan, fuse):
+    (M, K), r = x.shape, lora_A.shape[0]
+    bits = (M, triton.cdiv(K, 8)) if p > 0 else (0,)
+    return (
+        x.new_empty(M, weight.shape[0]),
+        x.new_empty(M, r, dtype=_acc_dtype(x)),
+        x.new_empty(bits, dtype=torch.uint8),
     )
 
 
-def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:
-    """The keep-mask (M, K) (bool) that lora_linear uses for `seed` on an (M, K) input (leading dims
-    of x flattened into M). Materialised by the same device function the kernels call."""
-    M, K = shape
-    out = torch.empty(M, K, dtype=torch.int8, device=device)
-    if out.numel():
-        _mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
-            out, M, K, int(seed), float(p), BLOCK_M=32, BLOCK_K=32
+@torch.library.custom_op("minilora::lora_bwd", mutates_args=())
+def _lora_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    xa: torch.Tensor, bits: torch.Tensor, scaling: float, p: float, needs: list[bool], plan: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _backward(dy, x, weight, lora_A, lora_B, xa, bits, scaling, p, needs, plan)
+
+
+@_lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, bits, scaling, p, needs, plan):
+    shapes = (x.shape, lora_A.shape, lora_B.shape)
+    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype)
+    return tuple(
+        x.new_empty(s if n else (0,), dtype=d) for s, n, d in zip(shapes, needs, dtypes, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, scaling, p, _, plan, _ = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], output[2])
+    ctx.scaling, ctx.p, ctx.plan = scaling, p, plan
+
+
+def _custom_op_backward(ctx, dy, _dxa, _dbits):
+    x, weight, lora_A, lora_B, xa, bits = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 4)]
+    dx, dA, dB = _lora_bwd(dy, x, weight, lora_A, lora_B, xa, bits, ctx.scaling, ctx.p, needs, ctx.plan)
+    return (
+        (dx if needs[0] else None),
+        None,
+        None,
+        (dA if needs[1] else None),
+        (dB if needs[2] else None),
+        *[None] * 5,
+    )
+
+
+_lora_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------
+def lora_linear(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    dropout_p=0.0,
+    training=False,
+    *,
+    seed=None,
+    plan="triton",
+    fuse_shrink=None,
+):
+    """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T with fused kernels.
+
+    x: (..., in); weight: (out, in) and bias: (out,) or None, frozen, of x's dtype and device;
+    lora_A: (r, in), lora_B: (out, r), of x's dtype or float32 (their gradients come back in their own
+    dtype). Dropout is applied when training and dropout_p > 0, with one mask per call drawn from
+    `seed` (an int or a one-element tensor; drawn from torch's generator on x's device when None).
+    plan: "triton", "composite" or "cublas" (module docstring, 5.). fuse_shrink: force (True) or forbid
+    (False) the in-loop shrink of the "triton" plan; None decides by shape. Gradients flow to x, lora_A
+    and lora_B only.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # What F.linear does under autocast: x and the frozen weights in the autocast dtype; the
+        # adapters keep their own (the kernels cast tiles). The op itself runs with autocast off.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(
+                x,
+                weight,
+                bias,
+                lora_A,
+                lora_B,
+                scaling,
+                dropout_p,
+                training,
+                seed=seed,
+                plan=plan,
+                fuse_shrink=fuse_shrink,
+            )
+    _check_inputs(x, weight, bias, lora_A, lora_B, plan)
+    p = float(dropout_p) if training else 0.0
+    if p > 0 and not isinstance(seed, torch.Tensor):
+        seed = (
+            torch.randint(0, 2**31 - 1, (1,), device=x.device)
+            if seed is None
+            else torch.tensor([seed], device=x.device)
         )
-    return out.bool()
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    args = (x2, weight, bias, lora_A, lora_B, float(scaling), p, seed if p > 0 else None, plan)
+    if torch.compiler.is_compiling():
+        y = _lora_fwd(*args, -1 if fuse_shrink is None else int(fuse_shrink))[0]
+    else:
+        y = LoRALinearFunction.apply(*args, fuse_shrink)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    tensors = dict(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+def dropout_mask(seed, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:
+    """The keep-mask (M, K) (bool) that lora_linear draws for `seed` on an (M, K) input (leading dims of
+    x flattened into M), from the same device function."""
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], device=device)
+    return _unpack(_draw_bits(seed, shape[0], shape[1], p), shape[1])
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, plan) -> None:
+    """Shapes, dtypes and devices: what the kernels rely on. LoRA settings (r, alpha, dropout) are
+    validated where they enter (minilora.config); this checks only what a direct caller can get wrong."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear: x has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
+    for name, t in dict(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B).items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype and not (name.startswith("lora") and t.dtype == torch.float32):
             raise TypeError(
-                f"lora_linear: {name} is {t.dtype} but x is {x.dtype}; cast it to x.dtype first "
-                "(LoRALinear casts lora_A/lora_B with .to(x.dtype))"
+                f"lora_linear: {name} is {t.dtype} but x is {x.dtype}; cast it to x.dtype (adapters may be float32)"
             )
         if t.device != x.device:
             raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}")
     if x.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"lora_linear runs Triton kernels: it needs CUDA tensors, got {x.device}. On CPU, set "
-            "TRITON_INTERPRET=1 before importing minilora.kernels (slow; for tests), or use "
-            'minilora.set_backend("torch")'
-        )
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(
-            f"lora_linear: need x (..., in) and weight (out, in); got {tuple(x.shape)}, {tuple(weight.shape)}"
+            'TRITON_INTERPRET=1 before importing minilora.kernels (slow; for tests), or use minilora.set_backend("torch")'
         )
     n_out, n_in = weight.shape
-    if x.shape[-1] != n_in:
-        raise ValueError(
-            f"lora_linear: x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {n_in}"
-        )
-    if lora_A.dim() != 2 or lora_A.shape[1] != n_in:
-        raise ValueError(f"lora_linear: lora_A must be (r, in={n_in}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    if tuple(lora_B.shape) != (n_out, r):
-        raise ValueError(f"lora_linear: lora_B must be (out={n_out}, r={r}), got {tuple(lora_B.shape)}")
-    if r < 1:
-        raise ValueError("lora_linear: rank r must be >= 1, got an empty lora_A")
-    if bias is not None and tuple(bias.shape) != (n_out,):
+    if x.shape[-1] != n_in or lora_A.shape != (r, n_in) or lora_B.shape != (n_out, r) or r < 1:
+        raise ValueError(
+            f"lora_linear: need x (..., in={n_in}), weight (out={n_out}, in), lora_A (r >= 1, in) and lora_B "
+            f"(out, r); got x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if bias is not None and bias.shape != (n_out,):
         raise ValueError(f"lora_linear: bias must be (out={n_out},), got {tuple(bias.shape)}")
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError(
             "lora_linear keeps the base weight and bias frozen and returns no gradient for them; "
             "call weight.requires_grad_(False) (LoRALinear does)"
         )
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise TypeError(f"lora_linear: scaling must be a finite Python number, got {scaling!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if plan not in PLANS:
+        raise ValueError(f"lora_linear: plan must be one of {PLANS}, got {plan!r}")

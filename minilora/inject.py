@@ -223,10 +223,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Hugging Face checkpoints have `model.embed_tokens.weight` and no `lm_head.weight`."""
     out, seen = {}, set()
     layers = dict(lora_layers(model))
+    # 4-bit weights (minilora.quant) leave as dense W in the dtype they were quantized from
+    quantized = {n: m for n, m in model.named_modules() if getattr(m, "quant_state", None) is not None}
     for key, value in model.state_dict(keep_vars=True).items():
         module_name, _, leaf = key.rpartition(".")
         layer = layers.get(module_name)
         if id(value) in seen or (layer is not None and leaf in ("lora_A", "lora_B")):
+            continue
+        owner, state_key, _ = ("." + key).rpartition(".weight.")
+        if state_key and owner[1:] in quantized:  # the quantization state (weight.absmax, ...)
             continue
         seen.add(id(value))
         if layer is not None and leaf == "weight" and not layer.merged:
@@ -234,5 +239,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 value = layer.merged_weight()
             except ValueError as e:
                 raise ValueError(f"{module_name}: {e}") from None
+        elif module_name in quantized and leaf == "weight":
+            value = quantized[module_name].dequantize()
         out[key] = value.detach().contiguous()
     return out

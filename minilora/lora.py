@@ -26,17 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.config import check
+from minilora.quant import Linear4bit, linear_4bit, load_quant_state
 
-# "auto": the fused Triton kernel for CUDA tensors, plain PyTorch otherwise. "torch" or "triton"
-# forces a path (on CPU the Triton path needs TRITON_INTERPRET=1). Set by MINILORA_BACKEND or set_backend().
-BACKENDS = ("auto", "torch", "triton")
+# How LoRALinear computes its forward and backward. "torch": plain PyTorch (the equation below, as peft).
+# "triton", "composite", "cublas": the fused op of minilora.kernels with that plan (kernels/lora_linear.py
+# explains each). "auto": _AUTO_CUDA for CUDA tensors, "torch" otherwise. Set by MINILORA_BACKEND or
+# set_backend(); on CPU the kernel plans need TRITON_INTERPRET=1 (tests).
+BACKENDS = ("auto", "torch", "triton", "composite", "cublas")
+_AUTO_CUDA = "triton"
 _backend = os.environ.get("MINILORA_BACKEND", "auto")
 if _backend not in BACKENDS:
     raise ValueError(f"MINILORA_BACKEND={_backend!r}; expected one of {BACKENDS}")
 
 
 def set_backend(name: str) -> None:
-    """Choose the LoRA forward path for every LoRALinear: "auto", "torch" or "triton"."""
+    """Choose the LoRA forward path for every LoRALinear: one of BACKENDS."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -47,8 +51,11 @@ def get_backend() -> str:
     return _backend
 
 
-def _use_fused(x: torch.Tensor) -> bool:
-    return _backend == "triton" or (_backend == "auto" and x.is_cuda)
+def _plan(x: torch.Tensor) -> str | None:
+    """The kernel plan for x, or None for plain PyTorch."""
+    if _backend == "auto":
+        return _AUTO_CUDA if x.is_cuda else None
+    return None if _backend == "torch" else _backend
 
 
 class LoRALinear(nn.Module):
@@ -78,7 +85,12 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        factory = dict(device=base.weight.device, dtype=adapter_dtype or base.weight.dtype)
+        # A 4-bit base (QLoRA): `weight` is its packed codes; `quant_state` (same keys) turns them into W0
+        self.quant_state = base.quant_state if isinstance(base, Linear4bit) else None
+        if self.quant_state is not None:
+            self.register_load_state_dict_pre_hook(load_quant_state)
+        w_dtype = base.weight.dtype if self.quant_state is None else self.quant_state.dtype
+        factory = dict(device=base.weight.device, dtype=adapter_dtype or w_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -109,14 +121,25 @@ class LoRALinear(nn.Module):
     def dropout_p(self) -> float:
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen product x @ W0.T + b (W0 dequantized on the fly from a 4-bit base)."""
+        if self.quant_state is not None:
+            return linear_4bit(x, self.weight, self.quant_state, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            return F.linear(x, self.weight, self.bias)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        if _use_fused(x):
+            return self.base_forward(x)
+        if self.quant_state is not None:  # a 4-bit base: the kernels take a dense W
+            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            return self.base_forward(x) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
+        plan = _plan(x)
+        if plan is not None:  # float32 adapters go in as they are: the kernels cast their tiles
             from minilora.kernels import lora_linear
 
-            return lora_linear(x, self.weight, self.bias, A, B, self.scaling, self.dropout_p, self.training)
+            args = (x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
+            return lora_linear(*args, self.training, plan=plan)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
 
     @torch.no_grad()
@@ -131,7 +154,7 @@ class LoRALinear(nn.Module):
         """W0 + dW, summed in the wider of float32/W's dtype and rounded once to W's dtype (merge and
         merged_state_dict both use this). Raises ValueError if the rounded result is not finite: a
         NaN in A/B, or a finite float32 sum that overflows a float16 W."""
-        w0 = self._unmerged_weight if self.merged else self.weight
+        w0 = self._unmerged_weight if self.merged else self.base_weight()
         delta = self.delta_weight()
         merged = (w0.to(delta.dtype) + delta).to(w0.dtype)
         if not torch.isfinite(merged).all():
@@ -142,10 +165,20 @@ class LoRALinear(nn.Module):
         return merged
 
     @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """W0 (out, in), dequantized (in the dtype it was quantized from) for a 4-bit base."""
+        return self.weight if self.quant_state is None else self.quant_state.dequantize(self.weight)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """W <- W0 + dW (see merged_weight). A no-op when already merged. Keeps a copy of W0 so that
         unmerge is bit-exact: while merged, each adapted weight takes twice its memory;
         minilora.merged_state_dict exports merged weights without that copy."""
+        if self.quant_state is not None:
+            raise ValueError(
+                "cannot merge into a 4-bit base weight: re-quantizing W0 + dW would silently change the "
+                "base weights. Use minilora.merged_state_dict(model) for merged weights in the compute dtype"
+            )
         if self.merged:
             return
         merged = self.merged_weight()
