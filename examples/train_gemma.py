@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 import minilora
+from minilora.checkpoint import from_pretrained, resolve_dtype
 from minilora.data import load_dataset, prompt_and_target
-from minilora.gemma import from_pretrained, resolve_dtype
 from minilora.tokenizer import Tokenizer
 from minilora.train import TrainConfig, train
 

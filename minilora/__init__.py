@@ -4,9 +4,10 @@ model = minilora.gemma.from_pretrained(ckpt_dir)          # Gemma 1, 2 or 3
 names = minilora.inject(model, minilora.LoRAConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]))
 minilora.save_adapter(model, out_dir); minilora.load_adapter(model, out_dir)   # peft's format
 minilora.merge(model); minilora.unmerge(model); with minilora.disabled(model): ...
-"""
 
-import os as _os
+Importing it needs torch alone: sentencepiece is imported when a Tokenizer is built, safetensors
+when adapter files are read or written, numpy and `gguf` by minilora.gguf, triton by minilora.kernels.
+"""
 
 from minilora import gemma
 from minilora.adapter import load_adapter, read_adapter, save_adapter
@@ -28,30 +29,7 @@ from minilora.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRAConfig",
-    "LoRALinear",
-    "Tokenizer",
-    "count_parameters",
-    "disabled",
-    "find_targets",
-    "freeze_base",
-    "gemma",
-    "generate",
-    "get_backend",
-    "inject",
-    "load_adapter",
-    "merge",
-    "merged_state_dict",
-    "read_adapter",
-    "save_adapter",
-    "set_backend",
-    "unmerge",
-]
-
-# kernels/ is a top-level folder of the repository that installs as minilora.kernels (setup.py).
-# In a source checkout used without installing (PYTHONPATH=.), find it there as well.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "kernels", "lora_linear.py")) and _os.path.isfile(
-    _os.path.join(_root, "setup.py")
-):
-    __path__.append(_root)  # noqa: F821 - the package's own search path
+    "LoRAConfig", "LoRALinear", "Tokenizer", "count_parameters", "disabled", "find_targets", "freeze_base",
+    "gemma", "generate", "get_backend", "inject", "load_adapter", "merge", "merged_state_dict",
+    "read_adapter", "save_adapter", "set_backend", "unmerge",
+]  # fmt: skip

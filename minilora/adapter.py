@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
-import secrets
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minilora.config import match_pattern_key
+from minilora.atomic import write_files
+from minilora.config import check, match_pattern_key
 from minilora.inject import (
     check_unshared,
     freeze_base,
@@ -42,33 +39,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def _write_temp(path: Path, write) -> Path:
-    """write(tmp) to a new temp file beside `path` and fsync it; the caller renames it into place.
-    Created by os.open with mode 0o666, so the umask applies as for any new file, and that mode is
-    put back after write() (safetensors' save_file, like mkstemp, leaves 0o600: unreadable to
-    other users)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = os.stat(tmp).st_mode & 0o777
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _peft_config(
@@ -132,38 +102,27 @@ def _peft_config(
 def save_adapter(
     model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
 ) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`.
-    Both files are written in full to temp files first, so a failed save leaves whatever was there
-    before intact; the renames are ordered so that no crash pairs one save's weights with another's
-    config."""
+    """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`, both
+    atomically (minilora.atomic.write_files): a failed save leaves whatever was there intact."""
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to save; call minilora.inject(model, config) first")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None)
     config = _peft_config(model, layers, base_model_name_or_path)
-    tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    tensors = {f"{PREFIX}{name}.{which}.weight": getattr(m, which).detach().contiguous().cpu()
+               for name, m in layers.items() for which in ("lora_A", "lora_B")}  # fmt: skip
+    from safetensors.torch import save_file  # here, so that `import minilora.kernels` needs no safetensors
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights_tmp = _write_temp(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    try:
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        config_tmp = _write_temp(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
-    except BaseException:
-        weights_tmp.unlink()
-        raise
-    # Two files cannot be replaced in one atomic step. The old config goes first: between the two
-    # renames the folder has no config, so a crash there leaves a folder that every loader
-    # (minilora's, peft's) refuses, never new weights read with an old config's alpha and targets.
-    (out / CONFIG_NAME).unlink(missing_ok=True)
-    _fsync_dir(out)
-    os.replace(weights_tmp, out / WEIGHTS_NAME)
-    _fsync_dir(out)
-    os.replace(config_tmp, out / CONFIG_NAME)
-    _fsync_dir(out)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # The config goes last: a crash between the two renames leaves a folder without one, which every
+    # loader (minilora's, peft's) refuses, never new weights read with an old config's alpha and targets.
+    write_files({
+        out / WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+    })  # fmt: skip
     return out
 
 
@@ -176,11 +135,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not an adapter folder (peft or minilora)")
     if not weights_path.is_file():
-        hint = (
-            " (found adapter_model.bin: convert it to safetensors)"
-            if (d / "adapter_model.bin").exists()
-            else ""
-        )
+        bin_file = (d / "adapter_model.bin").exists()
+        hint = " (found adapter_model.bin: convert it to safetensors)" if bin_file else ""
         raise FileNotFoundError(f"{weights_path} is missing{hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -192,6 +148,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
         raise ValueError(f"{config_path}: DoRA adapters (use_dora=true) are not supported yet")
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{config_path}: fan_in_fan_out=true (GPT-2 Conv1D layers) is not supported")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -208,21 +167,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
     for name, pair in modules.items():
         if len(pair) != 2:
             raise ValueError(f"{weights_path}: {name} has {sorted(pair)} but needs both lora_A and lora_B")
-        if pair["lora_A"].ndim != 2 or pair["lora_B"].ndim != 2 or 0 in pair["lora_A"].shape:
+        A, B = pair["lora_A"], pair["lora_B"]
+        if A.ndim != 2 or B.ndim != 2 or 0 in A.shape or A.shape[0] != B.shape[1]:
             raise ValueError(
-                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
-                f"{tuple(pair['lora_B'].shape)} must be non-empty matrices"
-            )
-        if pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
-            raise ValueError(
-                f"{weights_path}: {name}.lora_A {tuple(pair['lora_A'].shape)} and lora_B "
-                f"{tuple(pair['lora_B'].shape)} disagree on the rank"
+                f"{weights_path}: {name}.lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be "
+                "non-empty matrices (r, in) and (out, r) of one rank r"
             )
     return config, modules
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_adapter(
@@ -238,29 +189,11 @@ def load_adapter(
     module the file does not cover is an error (the result would be neither adapter). Everything is
     checked before the model is touched. With trainable=False the whole model is frozen."""
     config, modules = read_adapter(adapter_dir)
-    config_path, weights_path = Path(adapter_dir) / CONFIG_NAME, Path(adapter_dir) / WEIGHTS_NAME
-    use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"{config_path}: use_rslora must be true or false, got {use_rslora!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if not (_number(dropout) and 0 <= dropout < 1):
-        raise ValueError(f"{config_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    alpha_pattern = config.get("alpha_pattern") or {}
-    present = dict(model.named_modules())
-    missing = [n for n in modules if n not in present]
-    if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(
-            f"adapter in {adapter_dir} has weights for module(s) this model does not have: "
-            f"{', '.join(missing[:5])}{more}"
-        )
-    uncovered = [n for n, _ in lora_layers(model) if n not in modules]
-    if uncovered:
-        raise ValueError(
-            f"the model already has LoRA on {', '.join(uncovered[:5])}, which {weights_path} has no "
-            "weights for; loading would mix two adapters. Load into a model without LoRA, or one with "
-            "LoRA on exactly the file's modules"
-        )
+    where = f"{Path(adapter_dir) / CONFIG_NAME}: "
+    use_rslora, dropout = config.get("use_rslora", False), config.get("lora_dropout", 0.0)
+    check("use_rslora", use_rslora, where + "use_rslora")
+    check("dropout", dropout, where + "lora_dropout")
+    alphas = _check_fit(model, adapter_dir, config, modules)
     targets = config.get("target_modules")
     if isinstance(targets, list):
         unused = [t for t in targets if not any(name_matches(n, t) for n in modules)]
@@ -268,43 +201,9 @@ def load_adapter(
             log.warning(
                 "adapter config lists target_modules with no weights in the file (ignored): %s", unused
             )
-    # Check everything before touching the model: types, shapes, values, then alpha per module.
-    plan = []  # (name, module, alpha)
-    for name, pair in modules.items():
-        module = present[name]
-        if not isinstance(module, (nn.Linear, LoRALinear)):
-            raise ValueError(f"adapter targets {name}, which is a {type(module).__name__}, not an nn.Linear")
-        r = pair["lora_A"].shape[0]
-        expect = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
-        if isinstance(module, LoRALinear):
-            expect = {"lora_A": tuple(module.lora_A.shape), "lora_B": tuple(module.lora_B.shape)}
-        for which, tensor in pair.items():
-            if tuple(tensor.shape) != expect[which]:
-                raise ValueError(
-                    f"{weights_path}: {PREFIX}{name}.{which}.weight has shape {tuple(tensor.shape)} but "
-                    f"the model needs "
-                    f"{expect[which]} for {name}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{weights_path}: {PREFIX}{name}.{which}.weight has NaN/Inf values")
-        key = match_pattern_key(alpha_pattern, name)
-        # Without lora_alpha, peft's LoraConfig default (8), so both libraries read the same scaling.
-        alpha, where = (
-            (alpha_pattern[key], f"alpha_pattern[{key!r}]")
-            if key is not None
-            else (config.get("lora_alpha", 8), "lora_alpha")
-        )
-        if not (_number(alpha) and alpha > 0):
-            raise ValueError(
-                f"{config_path}: {where} (the alpha of {name}) must be a number > 0, got {alpha!r}"
-            )
-        plan.append((name, module, float(alpha)))
-    try:
-        check_unshared(model, list(modules))
-    except ValueError as e:
-        raise ValueError(f"{weights_path}: {e}") from None
     with torch.no_grad():
-        for name, module, alpha in plan:
+        for name, alpha in alphas.items():
+            module = model.get_submodule(name)
             if not isinstance(module, LoRALinear):
                 r = modules[name]["lora_A"].shape[0]
                 module = LoRALinear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
@@ -321,3 +220,53 @@ def load_adapter(
     else:
         model.requires_grad_(False)
     return list(modules)
+
+
+def _check_fit(model: nn.Module, adapter_dir, config: dict, modules: dict) -> dict[str, float]:
+    """Check the adapter against `model` (modules present, nn.Linear, not tied, no other LoRA in the
+    model, shapes, finite values) and return each module's alpha: all before the model is touched."""
+    weights_path = Path(adapter_dir) / WEIGHTS_NAME
+    present = dict(model.named_modules())
+    missing = [n for n in modules if n not in present]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(
+            f"adapter in {adapter_dir} has weights for module(s) this model does not have: "
+            f"{', '.join(missing[:5])}{more}"
+        )
+    uncovered = [n for n, _ in lora_layers(model) if n not in modules]
+    if uncovered:
+        raise ValueError(
+            f"the model already has LoRA on {', '.join(uncovered[:5])}, which {weights_path} has no "
+            "weights for; loading would mix two adapters. Load into a model without LoRA, or one with "
+            "LoRA on exactly the file's modules"
+        )
+    alpha_pattern, alphas = config.get("alpha_pattern") or {}, {}
+    for name, pair in modules.items():
+        module = present[name]
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            raise ValueError(f"adapter targets {name}, which is a {type(module).__name__}, not an nn.Linear")
+        r = pair["lora_A"].shape[0]
+        expect = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
+        if isinstance(module, LoRALinear):
+            expect = {"lora_A": tuple(module.lora_A.shape), "lora_B": tuple(module.lora_B.shape)}
+        for which, tensor in pair.items():
+            key = f"{weights_path}: {PREFIX}{name}.{which}.weight"
+            if tuple(tensor.shape) != expect[which]:
+                raise ValueError(f"{key} has shape {tuple(tensor.shape)} but the model needs {expect[which]}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{key} has NaN/Inf values")
+        # Without lora_alpha, peft's LoraConfig default (8), so both libraries read the same scaling.
+        k = match_pattern_key(alpha_pattern, name)
+        field, alpha = (
+            (f"alpha_pattern[{k!r}]", alpha_pattern[k])
+            if k is not None
+            else ("lora_alpha", config.get("lora_alpha", 8))
+        )
+        check("alpha", alpha, f"{Path(adapter_dir) / CONFIG_NAME}: {field} (the alpha of {name})")
+        alphas[name] = float(alpha)
+    try:
+        check_unshared(model, list(modules))
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: {e}") from None
+    return alphas

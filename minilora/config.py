@@ -6,10 +6,38 @@ Field names follow loralib/peft where they exist (`r`, `alpha` = peft's `lora_al
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 INITS = ("kaiming", "gaussian")
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return (_integer(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+# What each LoRA setting must be: (test, the valid values in words).
+RULES = {
+    "r": (lambda v: _integer(v) and v > 0, "a positive integer"),
+    "alpha": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "a bool (true/false)"),
+    "init": (lambda v: v in INITS, f"one of {INITS}"),
+}
+
+
+def check(setting: str, value, name: str) -> None:
+    """The one check of a LoRA setting (a key of RULES), made wherever a value enters: LoRAConfig,
+    LoRALinear and adapter files. Inside, the code trusts it. `name` is the value as its user wrote
+    it ("LoRAConfig.alpha", "adapter_config.json: lora_alpha"); the error names it and the fix."""
+    test, valid = RULES[setting]
+    if not test(value):
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
 @dataclass
@@ -27,9 +55,7 @@ class LoRAConfig:
     # Modules never to wrap, even when a target matches them: a list of names (same matching) or a regex.
     exclude: list[str] | str | None = None
     # Only wrap modules inside these layer indices; None = all. A module's layer index is peft's
-    # (layers_to_transform without layers_pattern): the first number that is a whole dotted segment
-    # after two or more others, `model.layers.3.mlp.up_proj` -> 3, `encoder.block.1.layer.0.wi` -> 1.
-    # A name with no such number (a top-level `layers.3.fc`) is in no layer: use a regex target there.
+    # (minilora.inject.layer_index states the rule); a name with no index is in no layer.
     layers: list[int] | None = None
     # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r.
     use_rslora: bool = False
@@ -45,14 +71,13 @@ class LoRAConfig:
     bias: str = "none"
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
+        for setting in RULES:
+            check(setting, getattr(self, setting), f"LoRAConfig.{setting}")
+        for what, patterns, setting in (("rank_pattern", self.rank_pattern, "r"),
+                                        ("alpha_pattern", self.alpha_pattern, "alpha")):  # fmt: skip
+            for key, value in patterns.items():
+                _compile(key, what)
+                check(setting, value, f"LoRAConfig.{what}[{key!r}]")
         if self.bias != "none":
             raise ValueError(f"LoRAConfig.bias={self.bias!r} is not supported; use bias='none'")
         if isinstance(self.targets, tuple):
@@ -64,31 +89,17 @@ class LoRAConfig:
         if isinstance(self.targets, str):
             if self.targets != "all-linear":
                 _compile(self.targets, "targets")
-        elif isinstance(self.targets, list):
-            bad = [t for t in self.targets if not isinstance(t, str) or not t]
-            if bad:
-                raise ValueError(f"LoRAConfig.targets entries must be non-empty strings, got {bad!r}")
-        else:
+        elif not isinstance(self.targets, list) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(
-                f"LoRAConfig.targets must be a list of names or a regex string, got {self.targets!r}"
+                f"LoRAConfig.targets must be a list of non-empty module names or one regex string, "
+                f"got {self.targets!r}"
             )
         if isinstance(self.exclude, str):
             _compile(self.exclude, "exclude")
-        if self.layers is not None:
-            if isinstance(self.layers, int):
-                self.layers = [self.layers]
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
-                raise ValueError(f"LoRAConfig.layers must be non-negative layer indices, got {self.layers!r}")
-        for key, value in self.rank_pattern.items():
-            _compile(key, "rank_pattern")
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(
-                    f"LoRAConfig.rank_pattern[{key!r}] must be > 0 and an integer (a rank), got {value!r}"
-                )
-        for key, value in self.alpha_pattern.items():
-            _compile(key, "alpha_pattern")
-            if isinstance(value, bool) or not value > 0:
-                raise ValueError(f"LoRAConfig.alpha_pattern[{key!r}] must be > 0, got {value!r}")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if self.layers is not None and not all(_integer(i) and i >= 0 for i in self.layers):
+            raise ValueError(f"LoRAConfig.layers must be non-negative layer indices, got {self.layers!r}")
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
         """The (r, alpha) for the module called `name`, after rank_pattern/alpha_pattern."""

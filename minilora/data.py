@@ -32,18 +32,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minilora.gemma import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of a position that carries no loss
-
-FORMATS = ("auto", "text", "prompt_completion", "alpaca", "chat", "template")
-# The fields each format needs (alpaca's "input" may be missing or empty).
+# The fields each format needs (alpaca's "input" may be missing or empty), in the order "auto" tries them.
 REQUIRED = {
-    "text": ("text",),
+    "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
-    "chat": ("messages",),
+    "text": ("text",),
 }
+FORMATS = ("auto", *REQUIRED, "template")
 
 # Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_PROMPT = (
@@ -64,13 +64,9 @@ Segment = tuple[str, bool]  # (text, is_completion)
 # reading
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines file; blank lines are skipped. Errors name the file and line."""
-    return [record for _, record in _numbered_records(path)]
-
-
-def _numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """[(line number, record), ...] of a JSON-lines file."""
+def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """[(line number, record), ...] of a JSON-lines file; blank lines are skipped. Errors name the
+    file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -111,18 +107,12 @@ def template_fields(template: str) -> list[str]:
 def detect_format(record: dict, template: str | None = None) -> str:
     if template is not None:
         return "template"
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "text" in record:
-        return "text"
+    for fmt, fields in REQUIRED.items():
+        if all(f in record for f in fields):
+            return fmt
     raise ValueError(
-        f"cannot tell the format of a record with fields {sorted(record)}; expected one of "
-        '{"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages"}, '
-        "or pass a template naming the fields"
+        f"cannot tell the format of a record with fields {sorted(record)}; expected the fields of one "
+        f"of {list(REQUIRED.values())}, or pass a template naming the fields"
     )
 
 
@@ -215,11 +205,11 @@ def encode(
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): [bos] + segment ids (+ [eos_id], learned). Sequences are cut
     at max_len tokens (the end goes)."""
-    ids, labels = [tok.bos_id], [IGNORE]
+    ids, labels = [tok.bos_id], [IGNORE_INDEX]
     for text, learned in segs:
         piece = tok.encode(text, add_bos=False)
         ids += piece
-        labels += piece if (learned or not mask_prompt) else [IGNORE] * len(piece)
+        labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
     if eos_id is not None:
         ids.append(eos_id)
         labels.append(eos_id)
@@ -256,7 +246,7 @@ class SFTData:
 
     def summary(self) -> str:
         n_tokens = sum(self.lengths)
-        n_labels = sum(sum(1 for x in labels if x != IGNORE) for _, labels in self.examples)
+        n_labels = sum(sum(1 for x in labels if x != IGNORE_INDEX) for _, labels in self.examples)
         return (
             f"{len(self)} examples ({self.format}), {n_tokens} tokens, {n_labels} with loss; "
             f"truncated: {self.n_truncated} of the examples; "
@@ -305,21 +295,15 @@ def tokenize(
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         ids, labels, truncated = encode(segs, tok, max_len=max_len, mask_prompt=mask_prompt, eos_id=eos_id)
-        # The model predicts labels[1:] (shifted inside), so a label on position 0 alone counts for nothing.
-        if all(x == IGNORE for x in labels[1:]):
+        if n_targets(labels) == 0:
             data.n_skipped += 1
             continue
         data.n_truncated += truncated
         data.examples.append((ids, labels))
         data.records.append(record)
     if data.n_skipped:
-        log.warning(
-            "%s: %d of %d records have no completion token left after truncation to %d; skipped",
-            source,
-            data.n_skipped,
-            len(records),
-            max_len,
-        )
+        log.warning(f"{source}: {data.n_skipped} of {len(records)} records have no completion token left "
+                    f"after truncation to {max_len}; skipped")  # fmt: skip
     if not data.examples:
         raise ValueError(
             f"{source}: no example has a completion token left (all {len(records)} skipped); raise max_len"
@@ -328,8 +312,9 @@ def tokenize(
 
 
 def load_dataset(path: str | os.PathLike, tok, **kwargs) -> SFTData:
-    """read_jsonl + tokenize; keyword arguments as tokenize(). Errors name the file and line."""
-    lines, records = zip(*_numbered_records(path), strict=True)
+    """The records of a JSON-lines file, tokenized; keyword arguments as tokenize(). Errors name the
+    file and line."""
+    lines, records = zip(*_read_jsonl(path), strict=True)
     return tokenize(list(records), tok, source=str(path), lines=list(lines), **kwargs)
 
 
@@ -344,7 +329,7 @@ def collate(
     Right padding under causal attention changes nothing at the real positions, so no mask is needed."""
     T = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for b, (ids, lab) in enumerate(examples):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
@@ -354,8 +339,8 @@ def collate(
 def n_targets(labels) -> int:
     """Positions the loss counts: labels after the shift (position 0 is never predicted)."""
     if isinstance(labels, torch.Tensor):
-        return int((labels[..., 1:] != IGNORE).sum())
-    return sum(1 for x in labels[1:] if x != IGNORE)
+        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 class StepSampler:

@@ -12,7 +12,7 @@ What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
 - Gemma's RMSNorm weights were stored with the 1 of `(1 + w)` added: we subtract it again;
 - q/k are *not* permuted for Gemma (llama.cpp permutes them only for LLaMA-style rope layouts);
 - the tokenizer lives in the metadata (`tokenizer.ggml.tokens/scores/token_type`); we write it back
-  as a SentencePiece `tokenizer.model` (see _sentencepiece_model).
+  as a SentencePiece `tokenizer.model` (see sentencepiece_model).
 Facts llama.cpp hard-codes for Gemma 3 instead of storing them (the local rope base 10,000, a full
 attention layer every 6th, the query scale) are filled in the same way llama.cpp fills them.
 
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from minilora.atomic import replace_folder, temp_path, write_files
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +116,10 @@ def gemma3_config(reader) -> dict:
         if len(set(n_kv)) != 1:
             raise ValueError(f"per-layer attention.head_count_kv {n_kv} is not a Gemma 3 layout")
         n_kv = n_kv[0]
-
-    # Which layers slide: a stored pattern (int period, or one bool per layer) or llama.cpp's
-    # Gemma 3 default, a full-attention layer every 6th ((i + 1) % 6 == 0).
-    pattern = m("attention.sliding_window_pattern", 6)
-    if isinstance(pattern, int):
-        sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
-    else:
-        sliding = [bool(s) for s in pattern]
-        pattern = next((i + 1 for i, s in enumerate(sliding) if not s), n_layers)
     # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers), which uses
     # 1/sqrt(hidden / heads) as Google's gemma_pytorch config does (query_pre_attn_scalar 168).
     query_pre_attn_scalar = hidden // n_heads if n_layers == 62 else head_dim
-    # rope scaling (linear, factor 8 on the 4B+ models) applies to the full-attention layers only.
-    scaling_type = m("rope.scaling.type", "none")
-    if scaling_type in ("none", None):
-        rope_scaling = None
-    elif scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(m("rope.scaling.factor"))}
-    else:
-        raise ValueError(f"rope scaling {scaling_type!r} is not one Gemma 3 uses (none or linear)")
-
+    pattern, sliding = _sliding_layers(m("attention.sliding_window_pattern", 6), n_layers)
     tokens = _meta(reader, "tokenizer.ggml.tokens")
     tok = lambda key: int(_meta(reader, f"tokenizer.ggml.{key}"))  # noqa: E731
     softcap = lambda key: None if (v := m(key, None)) is None else _f32(v)  # noqa: E731
@@ -154,7 +139,7 @@ def gemma3_config(reader) -> dict:
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
         "rope_theta": _f32(m("rope.freq_base")),
         "rope_local_base_freq": _f32(m("rope.freq_base_swa", 10000.0)),
-        "rope_scaling": rope_scaling,
+        "rope_scaling": _rope_scaling(m),
         "attn_logit_softcapping": softcap("attn_logit_softcapping"),
         "final_logit_softcapping": softcap("final_logit_softcapping"),
         "max_position_embeddings": int(m("context_length")),
@@ -173,6 +158,23 @@ def gemma3_config(reader) -> dict:
     }
 
 
+def _sliding_layers(pattern, n_layers: int) -> tuple[int, list[bool]]:
+    """(period, which layers slide) from a stored pattern (an int period, or one bool per layer) or
+    llama.cpp's Gemma 3 default, a full-attention layer every 6th ((i + 1) % 6 == 0)."""
+    if isinstance(pattern, int):
+        return pattern, [(i + 1) % pattern != 0 for i in range(n_layers)]
+    sliding = [bool(s) for s in pattern]
+    return next((i + 1 for i, s in enumerate(sliding) if not s), n_layers), sliding
+
+
+def _rope_scaling(m) -> dict | None:
+    """RoPE scaling (linear, factor 8 on the 4B+ models), applied to the full-attention layers only."""
+    kind = m("rope.scaling.type", "none")
+    if kind not in ("none", None, "linear"):
+        raise ValueError(f"rope scaling {kind!r} is not one Gemma 3 uses (none or linear)")
+    return {"rope_type": "linear", "factor": _f32(m("rope.scaling.factor"))} if kind == "linear" else None
+
+
 # ---- tensors -----------------------------------------------------------------------------------
 def _hf_name(gguf_name: str) -> tuple[str, bool]:
     """llama.cpp tensor name -> (Hugging Face name, whether it is a Gemma norm stored as 1 + w)."""
@@ -189,28 +191,17 @@ def _hf_name(gguf_name: str) -> tuple[str, bool]:
 
 
 def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    per_layer = {
-        "self_attn.q_proj": (q, d),  # (out, in), as nn.Linear stores it
-        "self_attn.k_proj": (kv, d),
-        "self_attn.v_proj": (kv, d),
-        "self_attn.o_proj": (d, q),
-        "self_attn.q_norm": (hd,),
-        "self_attn.k_norm": (hd,),
-        "input_layernorm": (d,),
-        "post_attention_layernorm": (d,),
-        "pre_feedforward_layernorm": (d,),
-        "post_feedforward_layernorm": (d,),
-        "mlp.gate_proj": (ff, d),
-        "mlp.up_proj": (ff, d),
-        "mlp.down_proj": (d, ff),
-    }
-    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], d), "model.norm.weight": (d,)}
+    """Name -> shape of every weight the config's model has: minilora's Gemma, built on meta, is
+    the one statement of the layout (plus lm_head when the file has its own output head)."""
+    import torch
+
+    from minilora.checkpoint import config_from_hf
+    from minilora.gemma import Gemma
+
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Gemma(config_from_hf(cfg)).named_parameters()}
     if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (cfg["vocab_size"], d)
-    for i in range(cfg["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     return shapes
 
 
@@ -325,8 +316,9 @@ def sentencepiece_model(reader) -> bytes:
 
 
 # ---- writing a folder --------------------------------------------------------------------------
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _as_json(obj):
+    """A writer for minilora.atomic.write_files: `obj` as indented UTF-8 JSON."""
+    return lambda path: path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
 
 def _write_folder(gguf_path: Path, folder: Path) -> None:
@@ -341,45 +333,36 @@ def _write_folder(gguf_path: Path, folder: Path) -> None:
     t0 = time.perf_counter()
     weights = gemma3_state_dict(reader, cfg)
     log.info("dequantized %d tensors in %.1f s", len(weights), time.perf_counter() - t0)
-
-    _write_json(folder / "config.json", cfg)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    del weights
-    (folder / "tokenizer.model").write_bytes(sp_bytes)
-    tok = [
-        sp.id_to_piece(i)
-        for i in (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"], sp.unk_id())
-    ]
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "tokenizer_class": "GemmaTokenizer",
-            "bos_token": tok[0],
-            "eos_token": tok[1],
-            "pad_token": tok[2],
-            "unk_token": tok[3],
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "model_max_length": cfg["max_position_embeddings"],
-        },
-    )
+    ids = (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"], sp.unk_id())
+    tokenizer_config = {
+        "tokenizer_class": "GemmaTokenizer",
+        **{f"{k}_token": sp.id_to_piece(i) for k, i in zip(("bos", "eos", "pad", "unk"), ids, strict=True)},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": cfg["max_position_embeddings"],
+    }
     eos = [cfg["eos_token_id"]]
     if sp.id_to_piece(eot := sp.piece_to_id("<end_of_turn>")) == "<end_of_turn>":
         eos.append(eot)  # instruction-tuned Gemma ends its turn with <end_of_turn>
-    _write_json(
-        folder / "generation_config.json",
-        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "pad_token_id": cfg["pad_token_id"]},
-    )
+    generation = dict(bos_token_id=cfg["bos_token_id"], eos_token_id=eos, pad_token_id=cfg["pad_token_id"])
     source = {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size, "format": FORMAT_VERSION}
-    _write_json(folder / MARKER, source)  # last: its presence means the folder is complete
+    write_files({
+        folder / "config.json": _as_json(cfg),
+        folder / "model.safetensors": lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
+        folder / "tokenizer.model": lambda p: p.write_bytes(sp_bytes),
+        folder / "tokenizer_config.json": _as_json(tokenizer_config),
+        folder / "generation_config.json": _as_json(generation),
+        folder / MARKER: _as_json(source),  # last: its presence means the folder is complete
+    })  # fmt: skip
 
 
 def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Convert a Gemma 3 GGUF file into a Hugging Face style folder at `out_dir`.
 
     Writes config.json, model.safetensors (float32), tokenizer.model, tokenizer_config.json and
-    generation_config.json. The folder is built beside `out_dir` and renamed into place, so a
-    reader never sees half a checkpoint. An existing `out_dir` is an error unless `overwrite`.
+    generation_config.json. The folder is built beside `out_dir` and swapped in whole
+    (minilora.atomic), so a reader never sees half a checkpoint. An existing `out_dir` is an error
+    unless `overwrite`.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -387,20 +370,12 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwri
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary readable folder
+    tmp = temp_path(out_dir)
+    tmp.mkdir()
     try:
         t0 = time.perf_counter()
         _write_folder(gguf_path, tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o644)  # safetensors writes its file owner-only
-        if out_dir.exists():  # overwrite: move the old folder aside, then swap in the new one
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
         log.info("converted %s -> %s in %.1f s", gguf_path, out_dir, time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,58 +61,41 @@ def _suggest(entry: str, names: list[str]) -> str:
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The dotted names of the modules `config` selects, in model order. Raises ValueError on an
-    entry that matches nothing, a match that is not an nn.Linear, or a module already wrapped."""
+    """The dotted names of the modules `config` selects, in model order. Raises ValueError on a
+    target that selects nothing, a match that is not an nn.Linear, or a module already wrapped."""
     modules = dict(model.named_modules())
-    linear_names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
-
-    def allowed(name: str) -> bool:
-        if config.exclude is not None and _matches_any(name, config.exclude):
-            return False
-        return config.layers is None or layer_index(name) in config.layers
-
+    linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
     if config.targets == "all-linear":
         heads = output_head_names(model)
-        selected = [n for n in linear_names if n not in heads and allowed(n)]
-        if not selected:
-            raise ValueError(
-                "targets='all-linear' selected no module (after exclude/layers); nothing to adapt"
-            )
-    elif isinstance(config.targets, str):
-        matched = [n for n in modules if n and re.fullmatch(config.targets, n)]
+        matches = {"targets='all-linear'": [n for n in linear if n not in heads]}
+    else:  # each list entry matches by name; a regex string is one entry, fullmatched
+        specs = (
+            {e: [e] for e in config.targets}
+            if isinstance(config.targets, list)
+            else {f"target regex {config.targets!r} (it must fullmatch a dotted name)": config.targets}
+        )
+        matches = {e: [n for n in modules if n and _matches_any(n, spec)] for e, spec in specs.items()}
+    problems, selected = [], set()
+    for entry, matched in matches.items():
+        kept = [n for n in matched if _allowed(n, config)]
+        selected.update(kept)
         if not matched:
-            raise ValueError(
-                f"target regex {config.targets!r} fullmatches no module name; names look like "
-                f"{linear_names[:3]}"
+            hint = (
+                _suggest(entry, linear)
+                if isinstance(config.targets, list)
+                else f"names look like {linear[:3]}"
             )
-        selected = [n for n in matched if allowed(n)]
-        if not selected:
-            raise ValueError(
-                f"target regex {config.targets!r} matches modules, but exclude/layers remove all"
+            problems.append(f"{entry} matches nothing; {hint}")
+        elif not kept:
+            no_layer = config.layers is not None and layer_index(matched[0]) is None
+            problems.append(
+                f"{entry} matches {len(matched)} module(s), but exclude={config.exclude!r} / "
+                f"layers={config.layers!r} remove all of them"
+                + (f" ({matched[0]} is in no layer by peft's rule; use a regex target)" if no_layer else "")
             )
-    else:
-        problems, selected_set = [], set()
-        for entry in config.targets:
-            matched = [n for n in modules if n and name_matches(n, entry)]
-            if not matched:
-                problems.append(f"{entry} matches nothing; {_suggest(entry, linear_names)}")
-                continue
-            kept = [n for n in matched if allowed(n)]
-            if not kept:
-                problems.append(
-                    f"{entry} matches {len(matched)} module(s), but exclude={config.exclude!r} / "
-                    f"layers={config.layers!r} remove all of them"
-                    + (
-                        f" ({matched[0]} is in no layer by peft's rule (the first number that follows "
-                        "at least two dotted segments); use a regex target)"
-                        if config.layers is not None and layer_index(matched[0]) is None
-                        else ""
-                    )
-                )
-            selected_set.update(kept)
-        if problems:
-            raise ValueError("LoRA targets that would adapt nothing:\n  " + "\n  ".join(problems))
-        selected = [n for n in modules if n in selected_set]
+    if problems:
+        raise ValueError("LoRA targets that would adapt nothing:\n  " + "\n  ".join(problems))
+    selected = [n for n in modules if n in selected]
     wrapped = [n for n in selected if isinstance(modules[n], LoRALinear)]
     if wrapped:
         raise ValueError(
@@ -125,12 +108,17 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     ]
     if not_linear:
         raise ValueError(
-            "LoRA targets must be nn.Linear modules; these are not: "
-            + ", ".join(not_linear[:5])
-            + ". Name the projections inside them instead."
+            f"LoRA targets must be nn.Linear modules; these are not: {', '.join(not_linear[:5])}. "
+            "Name the projections inside them instead."
         )
     check_unshared(model, selected)
     return selected
+
+
+def _allowed(name: str, config: LoRAConfig) -> bool:
+    if config.exclude is not None and _matches_any(name, config.exclude):
+        return False
+    return config.layers is None or layer_index(name) in config.layers
 
 
 def check_unshared(model: nn.Module, names: list[str]) -> None:

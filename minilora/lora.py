@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.config import INITS
+from minilora.config import check
 from minilora.quant import Linear4bit, linear_4bit, load_quant_state
 
 # How LoRALinear computes its forward and backward. "torch": plain PyTorch (the equation below, as peft).
@@ -73,14 +73,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
+        settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        for setting, value in settings.items():
+            check(setting, value, f"LoRALinear: {setting}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r
         self.set_scaling(alpha, use_rslora)
@@ -116,8 +111,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        check("alpha", alpha, "LoRALinear: alpha")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge before changing the scaling of a merged LoRA layer")
         self.alpha, self.use_rslora = float(alpha), use_rslora

@@ -24,8 +24,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import sentencepiece as spm
-
 # Gemma's chat roles: the template writes "model" where the messages say "assistant".
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
 
@@ -45,6 +43,8 @@ class Tokenizer:
                 "tokenizer.model (minilora.gguf.default_model_dir() makes one for Gemma 3 270M) "
                 "or the path of a .model file"
             )
+        import sentencepiece as spm  # needed here only: `import minilora` works without it
+
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.vocab_size: int = self.sp.get_piece_size()

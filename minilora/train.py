@@ -1,4 +1,6 @@
-"""The supervised fine-tuning loop for a model with LoRA adapters (after minilora.inject).
+"""The supervised fine-tuning loop for a model with LoRA adapters (after minilora.inject), laid out
+as nanoGPT's: the settings, one optimizer step (`train_step`), evaluation, logging and checkpoints,
+then `train`, which sets up and loops.
 
 One optimizer step = one global batch of `batch_size * grad_accum * world_size` examples: the batch
 is a pure function of (seed, step) (data.StepSampler), sorted by length and cut into micro-batches;
@@ -11,11 +13,10 @@ Scale-out is torch.distributed (DDP; the caller, e.g. torchrun + init_process_gr
 only the adapter's parameters are synchronised, rank 0 writes every file and calls the callback.
 
 A checkpoint (out_dir/checkpoint/) holds the adapter, the optimizer (+ grad scaler) state, each
-rank's RNG state, the step, the seconds trained so far, and the run's settings with their
-fingerprint (base weights included). It is written to a temp folder and swapped in with renames,
-so a crash never leaves a half checkpoint. The learning rate and the data order are functions of
-the step, so resuming continues the exact run: the resumed run logs the numbers the uninterrupted
-one logs.
+rank's RNG state, the step, the seconds trained so far, and the settings that decide the run's
+trajectory (base weights included). It is swapped in whole (minilora.atomic). The learning rate and
+the data order are functions of the step, so resuming continues the exact run: the resumed run logs
+the numbers the uninterrupted one logs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.data import IGNORE, SFTData, StepSampler, collate, n_targets
+from minilora.atomic import previous, replace_folder, write_files
+from minilora.data import SFTData, StepSampler, collate, n_targets
 from minilora.inject import lora_layers
 
 log = logging.getLogger(__name__)
@@ -105,17 +107,10 @@ class TrainConfig:
 
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Settings that do not change the trajectory of a run, so a resume may change them.
-NOT_FINGERPRINTED = (
-    "out_dir",
-    "resume",
-    "overwrite",
-    "eval_every",
-    "save_every",
-    "log_every",
-    "eval_batch_size",
-    "grad_checkpointing",  # recomputing a layer in backward gives the same numbers (RNG state included)
-)
+# Settings that do not change the trajectory of a run, so a resume may change them (recomputing a
+# layer in backward gives the same numbers, RNG state included, hence grad_checkpointing).
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "log_every",
+                     "eval_batch_size", "grad_checkpointing")  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,6 +131,64 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     ratio = (step - config.warmup_steps) / (total_steps - 1 - config.warmup_steps)  # 0 -> 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (config.lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+
+def train_step(
+    net: nn.Module, micro_batches: list, n_global: int, optimizer, scaler, config: TrainConfig
+) -> float:
+    """Forward and backward on each of this process's (input_ids, labels) micro-batches (gradients
+    accumulate; under DDP they are synchronised on the last one only), then clip and step. Returns
+    the mean loss over the global batch's `n_global` label tokens. A non-finite loss or gradient norm
+    raises TrainingDiverged before the update (under float16 the grad scaler skips such a step)."""
+    _, world = _world()
+    device = next(net.parameters()).device
+    loss_sum = 0.0
+    for j, (input_ids, labels) in enumerate(micro_batches):
+        n = n_targets(labels)
+        with net.no_sync() if world > 1 and j < len(micro_batches) - 1 else nullcontext():
+            with _autocast(device, AUTOCAST[config.dtype]):
+                mean = net(input_ids.to(device), labels=labels.to(device))  # mean CE over n tokens
+            # DDP averages gradients over ranks, hence * world: the sum over ranks is the global mean.
+            part = mean * (n * world / max(n_global, 1))
+            (scaler.scale(part) if scaler is not None else part).backward()
+        loss_sum += float(mean.detach()) * n
+    loss = _all_sum([loss_sum], device)[0] / max(n_global, 1)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"loss is {loss}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    # The total norm of the (synchronised) gradients; clipping off = a max norm of inf.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
+    if scaler is not None:  # float16: a non-finite gradient is expected, the scaler skips that step
+        scaler.step(optimizer)
+        scaler.update()
+    elif not math.isfinite(norm := float(norm)):  # a finite loss can still overflow in backward
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"gradient norm is {norm}")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _micro_batches(data: SFTData, indices: list[int], config: TrainConfig, pad_id: int):
+    """This process's micro-batches of the global batch `indices` (sorted by length, so that each
+    pads little), and the global batch's label and token counts."""
+    rank, _ = _world()
+    batch = sorted((data[i] for i in indices), key=lambda ex: -len(ex[0]))
+    bs, first = config.batch_size, rank * config.grad_accum
+    micro = [collate(batch[k * bs : (k + 1) * bs], pad_id) for k in range(first, first + config.grad_accum)]
+    return micro, sum(n_targets(labels) for _, labels in batch), sum(len(ids) for ids, _ in batch)
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -160,8 +213,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Only the adapter is synchronised; the frozen base is loaded identically on every rank.
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # -----------------------------------------------------------------------------
-# evaluation
+# evaluation and logging
 
 
 @torch.no_grad()
@@ -189,155 +251,18 @@ def evaluate(model: nn.Module, data: SFTData, *, batch_size: int = 16, pad_id: i
     return total / max(count, 1)
 
 
-def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def log_metrics(out: Path, info: dict, callback=None) -> None:
+    """Append `info` to out/metrics.jsonl, log it and pass it to `callback` (rank 0 only)."""
+    if _world()[0] != 0:
+        return
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(info) + "\n")
+    log.info("%s", info)
+    if callback is not None:
+        callback(info)
 
 
-# -----------------------------------------------------------------------------
-# run settings, checkpoints
-
-
-def run_settings(model: nn.Module, config: TrainConfig, data: SFTData, world: int) -> dict:
-    """Everything that decides a run's trajectory: a resume must match it exactly."""
-    train = {k: v for k, v in asdict(config).items() if k not in NOT_FINGERPRINTED}
-    adapters = [[n, m.r, m.alpha, m.dropout_p, m.use_rslora] for n, m in lora_layers(model)]
-    digest = hashlib.sha256()
-    for ids, labels in data.examples:
-        digest.update(json.dumps([ids, labels]).encode())
-    base = getattr(model, "config", None)
-    return {
-        "train": train,
-        "adapters": hashlib.sha256(json.dumps(adapters).encode()).hexdigest()[:16],
-        "model": f"{type(model).__name__}:{sum(p.numel() for p in model.parameters())}:"
-        + hashlib.sha256(repr(base).encode()).hexdigest()[:16],
-        "base_weights": base_weights_digest(model),
-        "data": f"{len(data)} examples, sha256 {digest.hexdigest()[:16]}",
-        "world_size": world,
-    }
-
-
-def base_weights_digest(model: nn.Module, n: int = 4096) -> str:
-    """Identity of the frozen weights: name, shape, dtype and n evenly spaced elements of each tensor
-    (milliseconds even for 9B parameters). Two checkpoints of one architecture (gemma-3-270m and
-    gemma-3-270m-it) differ here, so a resume onto the other one is caught."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // n)][:n].contiguous().cpu()  # (<= n,)
-        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
-    return f"sha256 {digest.hexdigest()[:16]}"
-
-
-def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    out: Path, model: nn.Module, optimizer, scaler, step: int, settings: dict, train_s: float
-) -> None:
-    """Write out/checkpoint atomically: a temp folder, then renames (all ranks call this)."""
-    rank, world = _world()
-    final, tmp, old = out / "checkpoint", out / ".checkpoint.tmp", out / ".checkpoint.old"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        save_adapter(model, tmp)
-        state = {
-            "step": step,
-            "train_s": train_s,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "settings": settings,
-            "fingerprint": fingerprint(settings),
-            "base_model": getattr(model, "name_or_path", None),  # for the error message only
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-    _barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)  # from here on the new checkpoint is the one
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    # A crash between the two renames leaves only the old checkpoint, under .checkpoint.old.
-    for d in (out / "checkpoint", out / ".checkpoint.old"):
-        if (d / "trainer_state.pt").is_file():
-            return d
-    return None
-
-
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: dict) -> tuple[int, float]:
-    """Restore a run; refuses a checkpoint whose settings differ from this run's. Returns its step
-    and the seconds spent in training steps up to it."""
-    rank, world = _world()
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if state["fingerprint"] != fingerprint(settings):
-        theirs, diff = state["settings"], []
-        for key, value in settings.items():
-            if key == "train":  # name the training settings one by one
-                t0 = theirs.get("train", {})
-                diff += [
-                    f"{k}: checkpoint {t0.get(k)!r}, this run {v!r}"
-                    for k, v in value.items()
-                    if t0.get(k) != v
-                ]
-            elif key == "base_weights" and theirs.get(key) != value:
-                ours, before = getattr(model, "name_or_path", None), state.get("base_model")
-                diff.append(
-                    "base_weights: the checkpoint was trained on other base weights "
-                    f"({f'{before}, ' if before else ''}{theirs.get(key)}) than this run's model "
-                    f"({f'{ours}, ' if ours else ''}{value}); resume with the model the run began with"
-                )
-            elif theirs.get(key) != value:
-                diff.append(f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}")
-        raise ValueError(
-            f"cannot resume from {ckpt}: it belongs to a run with other settings "
-            f"(fingerprint {state['fingerprint']} vs {fingerprint(settings)}):\n  "
-            + "\n  ".join(diff)
-            + "\nresume with the same settings, or start a new run with another out_dir or overwrite=True"
-        )
-    load_adapter(model, ckpt, trainable=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    rng = ckpt / f"rng_rank{rank}.pt"
-    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
-    return int(state["step"]), float(state.get("train_s", 0.0))
-
-
-def _diverged(what: str, out: Path) -> TrainingDiverged:
-    kept = find_checkpoint(out)
-    return TrainingDiverged(
-        f"{what}; stopped before applying that update. "
-        + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written yet. ")
-        + "Lower the learning rate (or use float32 / bfloat16 instead of float16) and retry."
-    )
-
-
-def _write_metrics_upto(path: Path, step: int) -> None:
+def _keep_metrics_upto(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= step (a resumed run rewrites what came after)."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() and step >= 0 else []
     kept = []
@@ -345,8 +270,7 @@ def _write_metrics_upto(path: Path, step: int) -> None:
         if not line.strip():
             continue
         try:
-            info = json.loads(line)
-            keep = info["step"] <= step
+            keep = json.loads(line)["step"] <= step
         except (ValueError, TypeError, KeyError) as e:
             if not any(rest.strip() for rest in lines[lineno:]):  # a run killed while appending it
                 log.warning("%s:%d: dropping a half-written last line %r", path, lineno, line)
@@ -356,9 +280,160 @@ def _write_metrics_upto(path: Path, step: int) -> None:
             ) from None
         if keep:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_files({path: lambda p: p.write_text("".join(line + "\n" for line in kept), encoding="utf-8")})
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def run_settings(model: nn.Module, config: TrainConfig, data: SFTData, world: int) -> dict:
+    """Everything that decides a run's trajectory, which a resume must match: the training settings,
+    the adapters, the model (architecture, size, base weights), the data and the world size."""
+    adapters = [[n, m.r, m.alpha, m.dropout_p, m.use_rslora] for n, m in lora_layers(model)]
+    size = sum(p.numel() for p in model.parameters())
+    return {
+        **{k: v for k, v in asdict(config).items() if k not in RESUME_MAY_CHANGE},
+        "adapters": _sha256([json.dumps(adapters).encode()]),
+        "model": f"{type(model).__name__}:{size}:" + _sha256([repr(getattr(model, "config", None)).encode()]),
+        "base_weights": base_weights_digest(model),
+        "data": f"{len(data)} examples, sha256 " + _sha256(json.dumps(ex).encode() for ex in data.examples),
+        "world_size": world,
+    }
+
+
+def base_weights_digest(model: nn.Module, n: int = 4096) -> str:
+    """Identity of the frozen weights: name, shape, dtype and n evenly spaced elements of each tensor
+    (milliseconds even for 9B parameters). Two checkpoints of one architecture (gemma-3-270m and
+    gemma-3-270m-it) differ here, so a resume onto the other one is caught."""
+
+    def chunks():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                flat = p.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // n)][:n].contiguous().cpu()  # (<= n,)
+                yield f"{name}:{tuple(p.shape)}:{p.dtype};".encode()
+                yield sample.view(torch.uint8).numpy().tobytes()
+
+    return "sha256 " + _sha256(chunks())
+
+
+def _sha256(chunks: Iterable[bytes]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(
+    out: Path, model: nn.Module, optimizer, scaler, step: int, settings: dict, train_s: float
+) -> None:
+    """Write out/checkpoint (all ranks call this): its files go into a temp folder, which is then
+    swapped in whole (minilora.atomic.replace_folder)."""
+    rank, _ = _world()
+    tmp = out / ".checkpoint.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    write_files({tmp / f"rng_rank{rank}.pt": lambda p: torch.save(_rng_state(), p)})
+    if rank == 0:
+        save_adapter(model, tmp)
+        state = {
+            "step": step,
+            "train_s": train_s,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "settings": settings,
+            "base_model": getattr(model, "name_or_path", None),  # for the error message only
+        }
+        write_files({tmp / "trainer_state.pt": lambda p: torch.save(state, p)})
+    _barrier()
+    if rank == 0:
+        replace_folder(tmp, out / "checkpoint")
+    _barrier()
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    # A crash while the new checkpoint is swapped in leaves the old one whole, at previous().
+    for d in (out / "checkpoint", previous(out / "checkpoint")):
+        if (d / "trainer_state.pt").is_file():
+            return d
+    return None
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: dict) -> tuple[int, float]:
+    """Restore a run; refuses a checkpoint whose settings differ from this run's. Returns its step
+    and the seconds spent in training steps up to it."""
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    theirs = state["settings"]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r}, this run {settings.get(k)!r}"
+            for k in {**theirs, **settings} if theirs.get(k) != settings.get(k)]  # fmt: skip
+    if theirs.get("base_weights") != settings["base_weights"]:
+        diff.append(
+            f"the checkpoint was trained on other base weights ({state['base_model']}) than this run's "
+            f"model ({getattr(model, 'name_or_path', None)}); resume with the model the run began with"
+        )
+    if diff:
+        raise ValueError(
+            f"cannot resume from {ckpt}: it belongs to a run with other settings:\n  " + "\n  ".join(diff)
+            + "\nresume with the same settings, or start a new run with another out_dir or overwrite=True"
+        )  # fmt: skip
+    load_adapter(model, ckpt, trainable=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = torch.load(ckpt / f"rng_rank{_world()[0]}.pt", map_location="cpu", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"]), float(state["train_s"])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _start(out: Path, model: nn.Module, optimizer, scaler, settings: dict, config: TrainConfig):
+    """Resume from out's checkpoint (config.resume) or start afresh; returns (first step, seconds
+    trained so far)."""
+    rank, _ = _world()
+    start, train_s = 0, 0.0
+    ckpt = find_checkpoint(out)
+    if config.resume:
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"resume: {out} holds no checkpoint to continue; drop resume to start afresh"
+            )
+        start, train_s = load_checkpoint(ckpt, model, optimizer, scaler, settings)
+        log.info("resumed from %s at step %d", ckpt, start)
+    elif ckpt is not None and not config.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run's checkpoint; pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to start over, or choose another out_dir"
+        )
+    else:
+        torch.manual_seed(config.seed + rank)  # dropout masks; each rank its own stream
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_upto(out / "metrics.jsonl", start if config.resume else -1)
+        if not config.resume:  # overwrite: a crash must leave nothing of the old run to resume or use
+            for old in (out / "checkpoint", previous(out / "checkpoint"), out / "adapter"):
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return start, train_s
+
+
+def _diverged(what: str, out: Path) -> TrainingDiverged:
+    kept = find_checkpoint(out)
+    return TrainingDiverged(
+        f"{what}; stopped before applying that update. "
+        + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written yet. ")
+        + "Lower the learning rate (or use float32 / bfloat16 instead of float16) and retry."
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -375,178 +450,75 @@ def train(
 ) -> dict:
     """Fine-tune the adapter parameters of `model` (the rest stays frozen). `callback(info)` gets a
     dict per logged step on rank 0 (step, steps, loss, lr, tokens_per_s, eta_s, eval_loss where
-    measured). Returns the final step, loss, eval_loss and the adapter folder."""
-    previous = getattr(model, "gradient_checkpointing", None)
+    measured). Returns the final step, loss, eval_loss, train_s (seconds in training steps, eval and
+    saving excluded) and the adapter folder."""
+    switch = getattr(model, "gradient_checkpointing", None)
+    if config.grad_checkpointing and switch is None:
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
     try:
+        if config.grad_checkpointing:
+            model.gradient_checkpointing = True
         return _train(model, tok, train_data, eval_data, config, callback)
     finally:  # the switch goes back to what it was, however the run ends
-        if previous is not None:
-            model.gradient_checkpointing = previous
+        if switch is not None:
+            model.gradient_checkpointing = switch
 
 
 def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     rank, world = _world()
-    device = next(model.parameters()).device
+    out, pad_id, device = Path(config.out_dir), getattr(tok, "pad_id", 0), next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not any(True for _ in lora_layers(model)):
         raise ValueError(
             "the model has no trainable LoRA parameters; call minilora.inject(model, config) first"
         )
-    pad_id = getattr(tok, "pad_id", 0)
-    out = Path(config.out_dir)
-    G = config.batch_size * config.grad_accum * world
-    sampler = StepSampler(train_data.lengths, G, config.seed, config.group_by_length)
-    total_steps = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
-    autocast_dtype = AUTOCAST[config.dtype]
-    if config.grad_checkpointing:
-        if not hasattr(model, "gradient_checkpointing"):
-            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
-        model.gradient_checkpointing = True
-
+    global_batch = config.batch_size * config.grad_accum * world
+    sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
+    total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
     scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None
     settings = run_settings(model, config, train_data, world)
-    metrics_path = out / "metrics.jsonl"
-
-    # 1) fresh start or resume
-    start, train_s = 0, 0.0
-    ckpt = find_checkpoint(out)
-    if config.resume:
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"resume: {out} holds no checkpoint to continue; drop resume to start afresh"
-            )
-        start, train_s = load_checkpoint(ckpt, model, optimizer, scaler, settings)
-        log.info("resumed from %s at step %d", ckpt, start)
-    else:
-        if ckpt is not None and not config.overwrite:
-            raise FileExistsError(
-                f"{out} already holds a run's checkpoint; pass resume=True (--resume) to continue it, "
-                "overwrite=True (--overwrite) to start over, or choose another out_dir"
-            )
-        torch.manual_seed(config.seed + rank)  # dropout masks; each rank its own stream
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_metrics_upto(metrics_path, start if config.resume else -1)
-        if not config.resume:  # overwrite: a crash must leave nothing of the old run to resume or use
-            for old in (out / "checkpoint", out / ".checkpoint.old", out / "adapter"):
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Only the adapter is synchronised; the frozen base is loaded identically on every rank.
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def log_line(info: dict) -> None:
-        if rank != 0:
-            return
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(info) + "\n")
-        log.info("%s", info)
-        if callback is not None:
-            callback(info)
-
-    def run_eval() -> float | None:
-        if eval_data is None:
-            return None
-        return evaluate(
-            model, eval_data, batch_size=config.eval_batch_size, pad_id=pad_id, dtype=autocast_dtype
-        )
-
+    start, train_s = _start(out, model, optimizer, scaler, settings, config)
+    net = _ddp(model, device) if world > 1 else model
+    kw = dict(batch_size=config.eval_batch_size, pad_id=pad_id, dtype=AUTOCAST[config.dtype])
+    run_eval = lambda: None if eval_data is None else evaluate(model, eval_data, **kw)
+    due = lambda every, done: (every > 0 and done % every == 0) or done == total  # and always at the end
     if start == 0 and eval_data is not None:
-        log_line({"step": 0, "eval_loss": run_eval()})
+        log_metrics(out, {"step": 0, "eval_loss": run_eval()}, callback)
 
-    # 2) the steps
     model.train()
-    # (seconds, tokens) of the last 10 steps, eval and saving excluded: speed and ETA from recent steps
-    recent: deque[tuple[float, int]] = deque(maxlen=10)
+    recent: deque[tuple[float, int]] = deque(maxlen=10)  # (seconds, tokens) of the last 10 steps
     loss, eval_loss = float("nan"), None
-    for step in range(start, total_steps):
-        t_step = time.perf_counter()
-        lr = lr_at(step, config, total_steps)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = lr_at(step, config, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sorted((train_data[i] for i in sampler.indices(step)), key=lambda ex: -len(ex[0]))
-        n_global = sum(n_targets(labels) for _, labels in batch)
-        bs = config.batch_size
-        micro = [
-            batch[k * bs : (k + 1) * bs]
-            for k in range(rank * config.grad_accum, (rank + 1) * config.grad_accum)
-        ]
-        loss_sum = 0.0
-        for j, examples in enumerate(micro):
-            input_ids, labels = collate(examples, pad_id)
-            n = n_targets(labels)
-            sync = world == 1 or j == len(micro) - 1
-            with nullcontext() if sync else net.no_sync():
-                with _autocast(device, autocast_dtype):
-                    mean = net(input_ids.to(device), labels=labels.to(device))  # mean CE over n tokens
-                # DDP averages gradients over ranks, hence * world: the sum over ranks is the global mean.
-                part = mean * (n * world / max(n_global, 1))
-                (scaler.scale(part) if scaler is not None else part).backward()
-            loss_sum += float(mean.detach()) * n
-        loss_sum, _ = _all_sum([loss_sum, 0.0], device)
-        loss = loss_sum / max(n_global, 1)
-        if not math.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise _diverged(f"loss is {loss} at step {step + 1}", out)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        # The total norm of the (synchronised) gradients; clipping off = a max norm of inf.
-        norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
-        if scaler is not None:  # float16: a non-finite gradient is expected, the scaler skips that step
-            scaler.step(optimizer)
-            scaler.update()
-        elif not math.isfinite(norm := float(norm)):  # a finite loss can still overflow in backward
-            optimizer.zero_grad(set_to_none=True)
-            raise _diverged(f"gradient norm is {norm} at step {step + 1}", out)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # 3) report, evaluate, save
-        done = step + 1
-        recent.append((time.perf_counter() - t_step, sum(len(ids) for ids, _ in batch)))
-        train_s += recent[-1][0]
-        eval_loss = None
-        if eval_data is not None and (
-            (config.eval_every and done % config.eval_every == 0) or done == total_steps
-        ):
-            eval_loss = run_eval()
-        if done % config.log_every == 0 or done == total_steps or eval_loss is not None:
-            info = {"step": done, "loss": loss, "lr": lr}
-            if eval_loss is not None:
-                info["eval_loss"] = eval_loss
-            seconds, tokens = sum(t for t, _ in recent), sum(n for _, n in recent)
-            info.update(
-                steps=total_steps,
-                tokens_per_s=tokens / seconds,
-                train_s=train_s,
-                eta_s=(total_steps - done) * seconds / len(recent),
-            )
-            log_line(info)
-        if (config.save_every and done % config.save_every == 0) or done == total_steps:
+        micro, n_global, n_tokens = _micro_batches(train_data, sampler.indices(step), config, pad_id)
+        try:
+            loss = train_step(net, micro, n_global, optimizer, scaler, config)
+        except TrainingDiverged as e:
+            raise _diverged(f"{e} at step {step + 1}", out) from None
+        recent.append((time.perf_counter() - t0, n_tokens))
+        train_s, done = train_s + recent[-1][0], step + 1
+        eval_loss = run_eval() if due(config.eval_every, done) else None
+        if due(config.log_every, done) or eval_loss is not None:
+            log_metrics(out, _step_info(done, total, loss, lr, eval_loss, recent, train_s), callback)
+        if due(config.save_every, done):
             save_checkpoint(out, model, optimizer, scaler, done, settings, train_s)
 
-    # 4) the final adapter, in peft's format
-    adapter_dir = out / "adapter"
-    if rank == 0:
-        save_adapter(model, adapter_dir)
+    if rank == 0:  # the final adapter, in peft's format
+        save_adapter(model, out / "adapter")
     _barrier()
-    return {
-        "step": total_steps,
-        "loss": loss,
-        "eval_loss": eval_loss,
-        "train_s": train_s,  # seconds in training steps (this process), eval and saving excluded
-        "adapter_dir": str(adapter_dir),
-    }
+    return dict(step=total, loss=loss, eval_loss=eval_loss, train_s=train_s, adapter_dir=str(out / "adapter"))
 
 
-__all__ = ["IGNORE", "TrainConfig", "TrainingDiverged", "evaluate", "lr_at", "train"]
+def _step_info(done: int, total: int, loss: float, lr: float, eval_loss, recent, train_s: float) -> dict:
+    """A step's metrics line; speed and ETA from the recent steps' (seconds, tokens), eval and saving
+    excluded."""
+    seconds, tokens = sum(t for t, _ in recent), sum(n for _, n in recent)
+    info = {"step": done, "loss": loss, "lr": lr} | ({} if eval_loss is None else {"eval_loss": eval_loss})
+    eta_s = (total - done) * seconds / len(recent)
+    return info | dict(steps=total, tokens_per_s=tokens / seconds, train_s=train_s, eta_s=eta_s)

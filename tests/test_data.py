@@ -13,15 +13,14 @@ import torch
 
 from minilora.data import (
     ALPACA_PROMPT,
-    IGNORE,
     StepSampler,
     collate,
     load_dataset,
     n_targets,
     prompt_and_target,
-    read_jsonl,
     tokenize,
 )
+from minilora.gemma import IGNORE_INDEX
 from minilora.tokenizer import Tokenizer
 
 
@@ -47,7 +46,7 @@ TOK = CharTokenizer()
 
 
 def learned_text(labels):
-    return TOK.decode([x for x in labels if x != IGNORE])
+    return TOK.decode([x for x in labels if x != IGNORE_INDEX])
 
 
 def one(record, **kw):
@@ -59,20 +58,20 @@ def one(record, **kw):
 def test_text_format_learns_every_token_and_eos():
     ids, labels = one({"text": "hello"})
     assert ids == [TOK.bos_id] + TOK.encode("hello", add_bos=False) + [TOK.eos_id]
-    assert labels == [IGNORE] + ids[1:]
+    assert labels == [IGNORE_INDEX] + ids[1:]
 
 
 def test_prompt_completion_masks_the_prompt():
     ids, labels = one({"prompt": "Q: 2+2?\nA: ", "completion": "4"})
     prompt = [TOK.bos_id] + TOK.encode("Q: 2+2?\nA: ", add_bos=False)
     assert ids == prompt + TOK.encode("4", add_bos=False) + [TOK.eos_id]
-    assert labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert learned_text(labels) == "4<eos>"
 
 
 def test_mask_prompt_off_learns_the_prompt_too():
     ids, labels = one({"prompt": "ab", "completion": "c"}, mask_prompt=False)
-    assert labels == [IGNORE] + ids[1:]
+    assert labels == [IGNORE_INDEX] + ids[1:]
 
 
 def test_alpaca_with_and_without_input():
@@ -137,7 +136,7 @@ def test_collate_right_pads_with_pad_id_and_ignored_labels():
     a, b = one({"text": "abcdef"}), one({"text": "ab"})
     input_ids, labels = collate([a, b])
     assert input_ids.shape == labels.shape == (2, len(a[0]))
-    assert input_ids[1, len(b[0]) :].eq(0).all() and labels[1, len(b[1]) :].eq(IGNORE).all()
+    assert input_ids[1, len(b[0]) :].eq(0).all() and labels[1, len(b[1]) :].eq(IGNORE_INDEX).all()
     assert input_ids[1, : len(b[0])].tolist() == b[0]
     assert n_targets(labels) == n_targets(a[1]) + n_targets(b[1])
 
@@ -200,10 +199,10 @@ def write(tmp_path, lines, name="d.jsonl"):
 def test_malformed_json_names_file_and_line(tmp_path):
     p = write(tmp_path, [json.dumps({"text": "a"}), "", '{"text": "b"', json.dumps({"text": "c"})])
     with pytest.raises(ValueError, match=r"d\.jsonl:3: malformed JSON"):
-        read_jsonl(p)
+        load_dataset(p, TOK)
     p = write(tmp_path, ["[1, 2]"], "list.jsonl")
     with pytest.raises(ValueError, match=r"list\.jsonl:1: expected a JSON object"):
-        read_jsonl(p)
+        load_dataset(p, TOK)
 
 
 def test_missing_field_names_the_field_and_the_format(tmp_path):
@@ -248,7 +247,7 @@ def test_chat_records_follow_the_templates_rules(tmp_path):
 
 def test_empty_dataset_and_bad_templates(tmp_path):
     with pytest.raises(ValueError, match="empty"):
-        read_jsonl(write(tmp_path, ["", "  "]))
+        load_dataset(write(tmp_path, ["", "  "]), TOK)
     with pytest.raises(ValueError, match="empty"):
         tokenize([], TOK)
     with pytest.raises(ValueError, match="no {field} placeholder"):
@@ -281,9 +280,11 @@ def test_real_tokenizer_chat_and_prompt_encoding():
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
     # the same token ids as encoding the whole text at once (segments never split a token differently)
     assert ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
-    assert [x for x in labels if x != IGNORE] == tok.encode("4<end_of_turn>6<end_of_turn>", add_bos=False)
+    assert [x for x in labels if x != IGNORE_INDEX] == tok.encode(
+        "4<end_of_turn>6<end_of_turn>", add_bos=False
+    )
     ids, labels = tokenize([{"prompt": "Date 2039-02-10 in words:", "completion": " the 10th"}], tok)[0]
     assert ids.count(tok.bos_id) == 1 and ids[-1] == tok.eos_id
-    assert tok.decode([x for x in labels if x != IGNORE]) == tok.decode(
+    assert tok.decode([x for x in labels if x != IGNORE_INDEX]) == tok.decode(
         tok.encode(" the 10th", add_bos=False) + [1]
     )

@@ -259,7 +259,7 @@ def test_config_27b_query_scale_linear_rope_and_untied_head():
     )  # fmt: skip
     assert (cfg["query_pre_attn_scalar"], cfg["head_dim"]) == (168, 128)
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
-    config = minilora.gemma.GemmaConfig.from_hf(cfg)  # linear scaling on the full layers only
+    config = minilora.checkpoint.config_from_hf(cfg)  # linear scaling on the full layers only
     assert (config.rope_scaling_factor, config.rope_local_scaling_factor) == (8.0, 1.0)
     assert config.query_pre_attn_scalar == 168
     small = mg.gemma3_config(fake_reader())

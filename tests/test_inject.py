@@ -118,7 +118,7 @@ def test_regex_target_fullmatches():
     model = tiny()
     names = ml.inject(model, ml.LoRAConfig(targets=r".*\.(q|v)_proj"))
     assert len(names) == 6 and all(n.endswith(("q_proj", "v_proj")) for n in names)
-    with pytest.raises(ValueError, match="fullmatches no module"):
+    with pytest.raises(ValueError, match=r"must fullmatch a dotted name\) matches nothing"):
         ml.inject(tiny(), ml.LoRAConfig(targets=r"q_proj"))  # must fullmatch the dotted name
 
 
@@ -182,16 +182,18 @@ def test_non_linear_target_and_double_injection_are_errors():
         (dict(exclude="(("), "not a valid regular expression"),
         (dict(r=0), "r must be a positive integer"),
         (dict(r=-1), "r must be a positive integer"),
-        (dict(alpha=0), "alpha must be > 0"),
-        (dict(alpha=-4), "alpha must be > 0"),
-        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (dict(dropout=-0.5), r"dropout must be in \[0, 1\)"),
+        (dict(alpha=0), "LoRAConfig.alpha must be a number > 0"),
+        (dict(alpha=-4), "alpha must be a number > 0"),
+        (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (dict(dropout=-0.5), r"dropout must be a number in \[0, 1\)"),
         (dict(bias="all"), "bias='all' is not supported"),
         (dict(layers=[-1]), "non-negative layer indices"),
-        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be > 0"),
-        (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\] must be > 0 and an integer"),
-        (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be > 0 and an integer"),
-        (dict(alpha_pattern={"q_proj": 0}), r"alpha_pattern\['q_proj'\] must be > 0"),
+        (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+        (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+        (dict(rank_pattern={"q_proj": True}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+        (dict(alpha_pattern={"q_proj": 0}), r"alpha_pattern\['q_proj'\] must be a number > 0"),
+        (dict(init="xavier"), "LoRAConfig.init must be one of"),
+        (dict(use_rslora="yes"), "LoRAConfig.use_rslora must be a bool"),
     ],
 )
 def test_bad_config(kwargs, message):

@@ -184,11 +184,11 @@ def test_bf16_base_fp32_adapter_grads_reach_fp32_params():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(r=0, alpha=8), "rank r must be a positive integer"),
-        (dict(r=-2, alpha=8), "rank r must be a positive integer"),
-        (dict(r=4, alpha=0), "alpha must be > 0"),
-        (dict(r=4, alpha=8, dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (dict(r=4, alpha=8, dropout=-0.1), r"dropout must be in \[0, 1\)"),
+        (dict(r=0, alpha=8), "LoRALinear: r must be a positive integer, got 0"),
+        (dict(r=-2, alpha=8), "r must be a positive integer"),
+        (dict(r=4, alpha=0), "alpha must be a number > 0"),
+        (dict(r=4, alpha=8, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (dict(r=4, alpha=8, dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
         (dict(r=4, alpha=8, init="xavier"), "init must be"),
     ],
 )

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import minilora
-from minilora.data import IGNORE, collate, tokenize
-from minilora.gemma import Gemma
+from minilora.data import collate, tokenize
+from minilora.gemma import IGNORE_INDEX, Gemma
 from minilora.inject import lora_layers
 from minilora.train import TrainConfig, TrainingDiverged, evaluate, lr_at, train
 
@@ -107,7 +107,7 @@ def test_padding_does_not_change_an_examples_loss():
     assert len(long_ex[0]) > len(short_ex[0])
     alone = model(*[t for t in collate([short_ex])][:1], labels=collate([short_ex])[1])
     input_ids, labels = collate([long_ex, short_ex])
-    labels[0] = IGNORE  # only the padded row counts
+    labels[0] = IGNORE_INDEX  # only the padded row counts
     padded = model(input_ids, labels=labels)
     torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-6)
 
@@ -118,7 +118,7 @@ def test_evaluate_is_the_token_weighted_mean():
     total = count = 0
     for ex in d.examples:
         input_ids, labels = collate([ex])
-        n = int((labels[:, 1:] != IGNORE).sum())
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total += float(model(input_ids, labels=labels).detach()) * n
         count += n
     assert evaluate(model, d, batch_size=3) == pytest.approx(total / count, rel=1e-6)

@@ -62,10 +62,8 @@ def generate_ids(
     top_p: float | None = None,
     seed: int | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
-    use_cache: bool = True,
 ) -> list[int]:
-    """The new token ids after `prompt_ids` (a stop id ends generation and is not returned).
-    use_cache=False recomputes the whole sequence every step (the reference the cache must equal)."""
+    """The new token ids after `prompt_ids` (a stop id ends generation and is not returned)."""
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompt_ids:
         raise ValueError("the prompt has no tokens; generation needs at least <bos>")
@@ -78,9 +76,8 @@ def generate_ids(
     model.eval()  # no dropout while generating
     try:
         with torch.inference_mode():
-            ids = list(prompt_ids)
-            cache = model.new_cache() if use_cache else None
-            step_input = torch.tensor([ids], device=device)  # (1, T): the prefill
+            cache = model.new_cache()
+            step_input = torch.tensor([list(prompt_ids)], device=device)  # (1, T): the prefill
             new: list[int] = []
             for _ in range(max_new_tokens):
                 logits = model(step_input, cache=cache, last_logits_only=True)[0, -1]  # (vocab,)
@@ -88,8 +85,7 @@ def generate_ids(
                 if token in stop_ids:
                     break
                 new.append(token)
-                ids.append(token)
-                step_input = torch.tensor([[token] if use_cache else ids], device=device)
+                step_input = torch.tensor([[token]], device=device)  # (1, 1)
     finally:
         model.train(was_training)
     return new
@@ -121,12 +117,6 @@ def generate(
     return tok.decode(new)
 
 
-def _tokenizer(path: str):
-    from minilora.tokenizer import Tokenizer
-
-    return Tokenizer(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="minilora-generate", description="Generate text with a Gemma checkpoint."
@@ -147,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import minilora
-    from minilora import gemma
+    from minilora import gemma, tokenizer
 
     model_dir = args.model
     if model_dir is None:
@@ -157,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device)
     if args.adapter:
         minilora.load_adapter(model, args.adapter)
-    tok = _tokenizer(model_dir)
+    tok = tokenizer.Tokenizer(model_dir)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     text = generate(
         model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed

@@ -1,0 +1,351 @@
+"""Hugging Face Gemma checkpoint folders: config.json (both dialects) -> GemmaConfig, and the
+safetensors weights read straight into the model (`minilora.gemma.from_pretrained`).
+
+config.json comes in two dialects. transformers 4.x writes `rope_theta`, `rope_local_base_freq`,
+`sliding_window_pattern` and `rope_scaling` (which Gemma 3 applies to full-attention layers only);
+transformers 5.x writes `rope_parameters` (one dict, or one per layer type) and `layer_types`, which,
+when present, decides which layers slide. Both read into the same GemmaConfig.
+
+Loading builds the model on the meta device and reads each tensor from the file straight into its
+final dtype and device, so the peak memory is the model plus one conversion buffer. It is strict:
+missing, unexpected and mis-shaped tensors are errors that name them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from minilora.gemma import Gemma, GemmaConfig
+
+# What each model_type means: the architecture flags (not stored in config.json) and the defaults
+# transformers' config classes fill in for absent keys (hub configs rely on them, e.g. the
+# text_config of the multimodal Gemma 3 checkpoints lists only a handful of fields).
+_ARCH = {
+    "gemma": dict(sandwich_norms=False, qk_norm=False, slide_every=None),
+    "gemma2": dict(sandwich_norms=True, qk_norm=False, slide_every=2),
+    "gemma3_text": dict(sandwich_norms=True, qk_norm=True, slide_every=6),
+}
+_DEFAULTS = {
+    "gemma": dict(
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+        rope_theta=10_000.0, sliding_window=None, attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+    ),
+    "gemma2": dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        rope_theta=10_000.0, query_pre_attn_scalar=256, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    ),
+    "gemma3_text": dict(
+        vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=None, final_logit_softcapping=None,
+    ),
+}  # fmt: skip
+# The sizes config.json states under GemmaConfig's own names.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads")  # fmt: skip
+# GELU spellings (transformers' ACT2FN names) -> F.gelu's `approximate`.
+_GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def read_json(path: str | os.PathLike):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); re-download or fix it") from e
+
+
+def config_from_hf(hf: dict) -> GemmaConfig:
+    """GemmaConfig from a Hugging Face config.json dict (transformers 4.x or 5.x dialect)."""
+    model_type = hf.get("model_type")
+    if model_type == "gemma3":  # multimodal checkpoint: the language model's config is nested
+        hf = dict(hf.get("text_config") or {})
+        model_type = hf.setdefault("model_type", "gemma3_text")
+    if model_type not in _ARCH:
+        raise ValueError(
+            f"model_type {model_type!r} is not a Gemma text model; minilora reads "
+            f"{sorted([*_ARCH, 'gemma3'])}"
+        )
+    arch, c = _ARCH[model_type], {**_DEFAULTS[model_type], **hf}
+    if c.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True (an embedding model) is not supported")
+    if c.get("attention_bias"):
+        raise ValueError("attention_bias=True is not a Gemma layout; Gemma projections have no bias")
+    window = c.get("sliding_window")
+    return GemmaConfig(
+        **{k: c[k] for k in _SIZES},
+        head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or c.get("head_dim") or 256),
+        sandwich_norms=arch["sandwich_norms"],
+        qk_norm=arch["qk_norm"],
+        gelu_approximate=_gelu_approximate(model_type, hf),
+        attn_logit_softcapping=c.get("attn_logit_softcapping"),
+        final_logit_softcapping=c.get("final_logit_softcapping"),
+        sliding_window=window,
+        sliding_layers=_sliding_layers(c, arch["slide_every"]) if window is not None else (),
+        **_rope(c, model_type),
+    )
+
+
+def _sliding_layers(c: dict, slide_every: int | None) -> tuple[bool, ...]:
+    """Which layers slide: layer_types decides when present, else the generation's pattern (every
+    `slide_every`-th layer, 1-based, is full attention; the others slide)."""
+    n = c["num_hidden_layers"]
+    if c.get("layer_types") is not None:
+        types = list(c["layer_types"])
+        if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer_types must list {n} of sliding_attention/full_attention, got {types}")
+        return tuple(t == "sliding_attention" for t in types)
+    every = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", slide_every))
+    return tuple(bool(every) and (i + 1) % every != 0 for i in range(n))
+
+
+def _rope(c: dict, model_type: str) -> dict:
+    """The RoPE bases and linear scaling factors of full and sliding layers, from either dialect."""
+    theta, local_theta = c.get("rope_theta", 10_000.0), c.get("rope_local_base_freq")
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
+        t, factor = _rope_dict(rp.get("full_attention"), "rope_parameters.full_attention")
+        theta = t if t is not None else theta
+        t, local_factor = _rope_dict(rp.get("sliding_attention"), "rope_parameters.sliding_attention")
+        local_theta = t if t is not None else local_theta
+    elif isinstance(rp, dict):
+        t, factor = _rope_dict(rp, "rope_parameters")
+        theta, local_factor = (t if t is not None else theta), factor
+    else:
+        _, factor = _rope_dict(c.get("rope_scaling"), "rope_scaling")
+        local_factor = 1.0 if model_type == "gemma3_text" else factor
+    return dict(
+        rope_theta=float(theta),
+        rope_local_base_freq=float(theta if local_theta is None else local_theta),
+        rope_scaling_factor=factor,
+        rope_local_scaling_factor=local_factor,
+    )
+
+
+def _rope_dict(params: dict | None, where: str) -> tuple[float | None, float]:
+    """(theta or None, linear factor) from one rope_parameters / rope_scaling dict."""
+    if not params:
+        return None, 1.0
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ValueError(
+            f"{where}: rope_type {kind!r} is not supported; minilora implements 'default' and 'linear'"
+        )
+    return params.get("rope_theta"), float(params["factor"]) if kind == "linear" else 1.0
+
+
+def _gelu_approximate(model_type: str, hf: dict) -> str:
+    """The MLP's GELU as transformers reads it: Gemma 1 from `hidden_act`, where the legacy "gelu"
+    of the released configs means the tanh form (GemmaConfig rewrites it; the checkpoints were
+    trained with it); Gemma 2/3 from `hidden_activation`, where "gelu" is the exact GELU."""
+    if model_type == "gemma":
+        act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in _GELU:
+        raise ValueError(f"hidden activation {act!r} is not supported; Gemma uses GELU ({sorted(_GELU)})")
+    return _GELU[act]
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """ "auto": bf16 on a CUDA GPU that supports it, float32 elsewhere (CPUs here have no fast
+    bf16; fp16 overflows Gemma's activations)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in named:
+        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")
+    return named[dtype]
+
+
+def from_pretrained(
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+) -> Gemma:
+    """Build the Gemma model of a Hugging Face checkpoint folder (config.json + safetensors), each
+    tensor read straight into `dtype` on `device` (see the module docstring). device="meta" builds
+    from config.json alone."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(
+            f"{path!r} is a file; pass the checkpoint folder that holds config.json and the weights"
+        )
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} has no config.json; is it a Hugging Face checkpoint folder?")
+    hf = read_json(os.path.join(path, "config.json"))
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = Gemma(config_from_hf(hf)).to(dtype)
+    model.name_or_path = path
+    if device.type != "meta":
+        _load_weights(model, path, hf.get("model_type") == "gemma3", dtype, device)
+    return model
+
+
+# Multimodal Gemma 3 checkpoints hold the language model under another prefix, next to the vision
+# tower, which a text model does not use.
+_RENAMES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+            ("language_model.lm_head.", "lm_head."))  # fmt: skip
+_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype, device) -> None:
+    """Read every tensor of the checkpoint into `model` (built on meta), strictly."""
+    names: dict[str, tuple[str, str]] = {}  # our name -> (stored name, file)
+    for stored, file in _weight_files(path).items():
+        name = stored
+        if multimodal:
+            if stored.startswith(_SKIP):
+                continue
+            name = next((new + stored[len(old) :] for old, new in _RENAMES if stored.startswith(old)), stored)
+        names[name] = (stored, file)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    expected["lm_head.weight"] = expected["model.embed_tokens.weight"]  # tied: checked, not loaded
+    missing = sorted(set(expected) - set(names) - {"lm_head.weight"})
+    unexpected = sorted(set(names) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model its config.json describes:\n"
+            f"  missing tensors ({len(missing)}): {missing[:20]}\n"
+            f"  unexpected tensors ({len(unexpected)}): {unexpected[:20]}"
+        )
+    by_file: dict[str, list[str]] = {}
+    for name, (_, file) in names.items():
+        by_file.setdefault(file, []).append(name)
+    head = None
+    for file, group in by_file.items():
+        header, data_start = _safetensors_header(file)
+        with open(file, "rb", buffering=0) as f:
+            for name in group:
+                stored = names[name][0]
+                if stored not in header:
+                    raise ValueError(f"{file} does not contain {stored}, which the index maps to it")
+                if tuple(header[stored]["shape"]) != expected[name]:
+                    raise ValueError(
+                        f"{stored}: checkpoint shape {tuple(header[stored]['shape'])}, "
+                        f"model expects {expected[name]}"
+                    )
+                tensor = _read_tensor(f, data_start, header[stored], stored, dtype, device)
+                if name == "lm_head.weight":
+                    head = tensor
+                    continue
+                module_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+    if head is not None and not torch.equal(head, model.model.embed_tokens.weight):
+        raise ValueError(
+            f"{names['lm_head.weight'][0]} differs from model.embed_tokens.weight; minilora's Gemma "
+            "ties the output head to the embedding and cannot load a separate head"
+        )
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        missing = sorted({v for v in files.values() if not os.path.isfile(v)})
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        return files
+    if os.path.isfile(single):
+        return dict.fromkeys(_safetensors_header(single)[0], single)
+    found = sorted(os.listdir(path))
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors or model.safetensors.index.json "
+        f"(found {found[:10]}); .bin/.pth/.gguf files are not read (minilora.gguf imports a GGUF file)"
+    )
+
+
+# safetensors' dtype names -> torch dtypes (the checkpoints use BF16, F16 or F32).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_CHUNK_BYTES = 16 << 20  # conversion buffer when the stored dtype differs from the target
+
+
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The tensors' table of a .safetensors file (name -> dtype, shape, data_offsets) and where the
+    data starts. Format: 8-byte little-endian header length, JSON header, raw little-endian data.
+    A file too short for the data its header promises is an error here, before anything is read."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little")
+        if len(raw) < 8 or n <= 0 or n > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file ({len(raw)} bytes, header length {n})")
+        raw = f.read(n)
+        if len(raw) < n:
+            raise ValueError(f"{path} is truncated inside its header (re-download this file)")
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: the safetensors header is corrupted ({e}); re-download it") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object; re-download it")
+    header.pop("__metadata__", None)
+    size, data_start = os.path.getsize(path), 8 + n
+    cut = [(e["data_offsets"], k) for k, e in header.items() if data_start + e["data_offsets"][1] > size]
+    if cut:
+        offsets, name = min(cut)  # the first tensor, in file order, whose data is not all there
+        raise ValueError(
+            f"{path} is truncated: tensor {name} ends at byte {data_start + offsets[1]} but the file "
+            f"has {size} bytes (re-download this file)"
+        )
+    return header, data_start
+
+
+def _read_tensor(f, data_start: int, entry: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """Read one tensor from an open safetensors file straight into a new (shape, dtype, device)
+    tensor. With plain reads (no mmap) only the result is resident: a mapped file's touched pages
+    would count toward RSS and double the loading peak."""
+    stored = _ST_DTYPES.get(entry["dtype"])
+    if stored is None:
+        raise ValueError(f"{name}: stored dtype {entry['dtype']} is not a floating type minilora loads")
+    shape, (begin, end) = entry["shape"], entry["data_offsets"]
+    numel = math.prod(shape)
+    if end - begin != numel * stored.itemsize:
+        raise ValueError(f"{name}: {end - begin} bytes stored for shape {shape} of {entry['dtype']}")
+    f.seek(data_start + begin)
+    if stored == dtype and torch.device(device).type == "cpu":
+        out = torch.empty(shape, dtype=dtype)
+        _readinto(f, out.view(-1).view(torch.uint8), name)
+        return out
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat, step = out.view(-1), max(1, _CHUNK_BYTES // stored.itemsize)
+    buf = torch.empty(min(step, max(numel, 1)), dtype=stored)
+    for i in range(0, numel, step):
+        part = buf[: min(step, numel - i)]
+        _readinto(f, part.view(torch.uint8), name)
+        flat[i : i + part.numel()].copy_(part)
+    return out
+
+
+def _readinto(f, dst: torch.Tensor, name: str) -> None:
+    view, done = memoryview(dst.numpy()), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{name}: {f.name} ends before the tensor's data does (truncated download?)")
+        done += got
