@@ -94,6 +94,23 @@ def _mm(a, b, acc, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.const
 
 
 @triton.jit
+def _zeros(P: tl.constexpr, Q: tl.constexpr, FP64: tl.constexpr):
+    """The (P, Q) accumulator: float32, or float64 on the FMA path."""
+    if FP64:
+        z = tl.zeros((P, Q), dtype=tl.float64)
+    else:
+        z = tl.zeros((P, Q), dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _tile(ptr, rows, cols, stride_row, stride_col, mask_row, mask_col):
+    """The masked (len(rows), len(cols)) tile at ptr[rows, cols], zeros outside, int64 offsets."""
+    offs = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+    return tl.load(ptr + offs, mask=mask_row[:, None] & mask_col[None, :], other=0.0)
+
+
+@triton.jit
 def _keep_tile(seed, offs_m, k0, p, BM: tl.constexpr, BK: tl.constexpr):
     """The dropout keep-mask of x[offs_m, k0 : k0 + BK] (k0 a multiple of 4): element (m, k) is kept
     when output k % 4 of Philox(seed; counter (k // 4, m)) is >= p as a uniform float."""
@@ -107,11 +124,17 @@ def _keep_tile(seed, offs_m, k0, p, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _pack_bits(keep, BM: tl.constexpr, BK: tl.constexpr):
-    """(BM, BK) bool -> (BM, BK // 8) uint8: bit j of byte i is keep[:, 8 * i + j]."""
+def _store_keep(bits_ptr, keep, offs_m, k0, mask_m, stride_bits, BM: tl.constexpr, BK: tl.constexpr):
+    """Store keep (BM, BK) for columns k0 : k0 + BK (k0 a multiple of 8) as bits: bit j of byte i is
+    keep[:, 8 * i + j]; the rows of bits are contiguous, stride_bits = ceil(K / 8) bytes."""
     weights = (1 << tl.arange(0, 8)).to(tl.int32)
-    return tl.sum(tl.reshape(keep.to(tl.int32), (BM, BK // 8, 8)) * weights[None, None, :], axis=2).to(
-        tl.uint8
+    packed = tl.sum(tl.reshape(keep.to(tl.int32), (BM, BK // 8, 8)) * weights[None, None, :], axis=2)
+    offs_b = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.int64)
+    mask = mask_m[:, None] & (offs_b[None, :] < stride_bits)
+    tl.store(
+        bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_b[None, :],
+        packed.to(tl.uint8),
+        mask=mask,
     )
 
 
@@ -123,7 +146,7 @@ def _read_keep(
     (BT, BF) tile (T_ROWS) or its (BF, BT) transpose. One byte load per 8 elements: a load per element
     would hold a 64-bit address per element and spill the GEMM's registers."""
     offs_b = (f0 // 8 + tl.arange(0, BF // 8)).to(tl.int64)
-    mask = mask_t[:, None] & (offs_b[None, :] < stride_bits)  # the bits are contiguous rows of K / 8 bytes
+    mask = mask_t[:, None] & (offs_b[None, :] < stride_bits)
     byte = tl.load(
         bits_ptr + offs_t.to(tl.int64)[:, None] * stride_bits + offs_b[None, :], mask=mask, other=0
     )
@@ -139,83 +162,42 @@ def _read_keep(
 # ----------------------------------------------------------------------------------------------------
 # Kernel 1: thin product out[s] = scale * h[:, chunk s] @ a[:, chunk s].T    (xa forward, dA backward)
 # ----------------------------------------------------------------------------------------------------
+# fmt: off
 @triton.jit
 def _shrink_kernel(
-    # Pointers
-    x_ptr,
-    a_ptr,
-    out_ptr,
-    bits_ptr,
-    seed_ptr,
-    # Sizes: x (M, K), a (R, K), out (SPLIT, M, R); program (i, s) reduces K-chunk s
-    M,
-    K,
-    R,
-    k_per_split,
-    # Strides (elements)
-    stride_xm,
-    stride_xk,
-    stride_ar,
-    stride_ak,
-    stride_os,
-    stride_om,
-    stride_or,
-    stride_bits,
-    # Scale and dropout
-    scale,
-    p,
-    # Meta-parameters
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,
-    MASK: tl.constexpr,  # 0: none; 1: draw keep for x (M tokens, K features), store its bits; 2: x is
-    # h's transpose (M features, K tokens): read keep from the bits
-    FP64: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, a_ptr, out_ptr, bits_ptr, seed_ptr,  # pointers
+    M, K, R, k_per_split,  # sizes: x (M, K), a (R, K), out (SPLIT, M, R); program (i, s) reduces K-chunk s
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_or, stride_bits,  # strides
+    scale, p,  # output scale, dropout probability
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    MASK: tl.constexpr,  # 0: none; 1: draw keep for x (M tokens, K features), store its bits; 2: x is h's
+                         # transpose (M features, K tokens): read keep from the bits
+    FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # fmt: on
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+    mask_m, mask_r = offs_m < M, offs_r < R
     k_lo = pid_s * k_per_split  # k_per_split is a multiple of BLOCK_K: chunks never overlap
-    rows = offs_m.to(tl.int64)[:, None] * stride_xm
-    a_cols = offs_r.to(tl.int64)[None, :] * stride_ar
     if MASK == 1:
         seed = tl.load(seed_ptr)
-    if FP64:
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, R_PAD, FP64)
     for k0 in range(0, k_per_split, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        mask_mk = mask_m[:, None] & mask_k[None, :]
-        offs_k64 = offs_k.to(tl.int64)
-        x = tl.load(x_ptr + rows + offs_k64[None, :] * stride_xk, mask=mask_mk, other=0.0)
-        # a^T tile (BLOCK_K, R_PAD) in x's dtype (a may be float32: adapters, dyb)
-        a = tl.load(
-            a_ptr + offs_k64[:, None] * stride_ak + a_cols, mask=mask_k[:, None] & mask_r[None, :], other=0.0
-        ).to(x.dtype)
+        x = _tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+        a = _tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, mask_k, mask_r).to(x.dtype)  # a.T (BLOCK_K, R_PAD)
         if MASK == 1:
             keep = _keep_tile(seed, offs_m, k_lo + k0, p, BLOCK_M, BLOCK_K)
-            offs_b = ((k_lo + k0) // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)
-            mask_b = mask_m[:, None] & (offs_b[None, :] < tl.cdiv(K, 8))
-            b_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_b[None, :]
-            tl.store(b_ptrs, _pack_bits(keep, BLOCK_M, BLOCK_K), mask=mask_b)
+            _store_keep(bits_ptr, keep, offs_m, k_lo + k0, mask_m, stride_bits, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0).to(a.dtype)
         if MASK == 2:  # x (BLOCK_M features, BLOCK_K tokens)
             keep = _read_keep(bits_ptr, offs_k, pid_m * BLOCK_M, stride_bits, mask_k, BLOCK_K, BLOCK_M, False)
             x = tl.where(keep, x, 0.0).to(a.dtype)
         acc = _mm(x, a, acc, FP64, UPCAST, PRECISION)
-    out_ptrs = (
-        out_ptr
-        + pid_s.to(tl.int64) * stride_os
-        + offs_m.to(tl.int64)[:, None] * stride_om
-        + offs_r.to(tl.int64)[None, :] * stride_or
-    )
+    out_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os
+    out_ptrs += offs_m.to(tl.int64)[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
     tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -223,71 +205,34 @@ def _shrink_kernel(
 # Kernel 2: one read of dy gives dyb[s] = scale * dy[:, chunk s] @ b[chunk s] and the partials
 #           db[i] = dy[rows i, :].T @ xa_s[rows i]   (xa_s = s * xa rounded as the forward used it)
 # ----------------------------------------------------------------------------------------------------
+# fmt: off
 @triton.jit
 def _dy_kernel(
-    # Pointers
-    dy_ptr,
-    b_ptr,
-    xa_ptr,
-    dyb_ptr,
-    db_ptr,
-    # Sizes: dy (M, N), b (N, R), xa (M, R); dyb partials (SPLIT, M, R), db partials (M_BLOCKS, N, R)
-    M,
-    N,
-    R,
-    n_per_split,
-    # Strides (elements); both partial buffers are contiguous
-    stride_dym,
-    stride_dyn,
-    stride_bn,
-    stride_br,
-    stride_xam,
-    stride_xar,
-    # Scales
-    scale,
-    xa_scale,
-    # Meta-parameters
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    R_PAD: tl.constexpr,
-    FP64: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dy_ptr, b_ptr, xa_ptr, dyb_ptr, db_ptr,  # pointers
+    M, N, R, n_per_split,  # sizes: dy (M, N), b (N, R), xa (M, R); partials dyb (SPLIT, M, R), db (M_BLOCKS, N, R)
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,  # strides (the partials are contiguous)
+    scale, xa_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # fmt: on
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+    mask_m, mask_r = offs_m < M, offs_r < R
     m64, r64 = offs_m.to(tl.int64), offs_r.to(tl.int64)
-    xa = tl.load(
-        xa_ptr + m64[:, None] * stride_xam + r64[None, :] * stride_xar,
-        mask=mask_m[:, None] & mask_r[None, :],
-        other=0.0,
-    )
+    xa = _tile(xa_ptr, offs_m, offs_r, stride_xam, stride_xar, mask_m, mask_r)
     xa = (xa * xa_scale).to(dy_ptr.dtype.element_ty)
-    if FP64:
-        dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
-        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float64)
-    else:
-        dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        zero = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    dyb = _zeros(BLOCK_M, R_PAD, FP64)
     for n0 in range(0, n_per_split, BLOCK_N):
         offs_n = pid_s * n_per_split + n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        n64 = offs_n.to(tl.int64)
-        dy = tl.load(
-            dy_ptr + m64[:, None] * stride_dym + n64[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        mask_nr = mask_n[:, None] & mask_r[None, :]
-        b = tl.load(b_ptr + n64[:, None] * stride_bn + r64[None, :] * stride_br, mask=mask_nr, other=0.0)
+        dy = _tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, mask_m, mask_n)
+        b = _tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, mask_n, mask_r)
         dyb = _mm(dy, b.to(dy.dtype), dyb, FP64, UPCAST, PRECISION)
-        db = _mm(tl.trans(dy), xa, zero, FP64, UPCAST, PRECISION)  # (BLOCK_N, R_PAD)
-        db_ptrs = db_ptr + (pid_m.to(tl.int64) * N + n64[:, None]) * R + r64[None, :]
-        tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=mask_nr)
+        db = _mm(tl.trans(dy), xa, _zeros(BLOCK_N, R_PAD, FP64), FP64, UPCAST, PRECISION)  # (BLOCK_N, R_PAD)
+        db_ptrs = db_ptr + (pid_m.to(tl.int64) * N + offs_n.to(tl.int64)[:, None]) * R + r64[None, :]
+        tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
     dyb_ptrs = dyb_ptr + (pid_s.to(tl.int64) * M + m64[:, None]) * R + r64[None, :]
     tl.store(dyb_ptrs, (dyb * scale).to(dyb_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
@@ -296,102 +241,74 @@ def _dy_kernel(
 # Kernel 3: out = x @ w + bias + [keep *] (lo_scale * lo) @ b_lr      (the GEMM; see the docstring, 1.)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _mm_kernel(
-    # Pointers
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    lo_ptr,
-    a_ptr,
-    b_ptr,
-    out_ptr,
-    bits_ptr,
-    # Sizes: x (M, K), w (K, N), lo (M, R), a (K, R), b_lr (R, N), out (M, N)
-    M,
-    N,
-    K,
-    R,
-    m_bucket,  # next power of two >= M: only the autotuner's cache key
-    # Strides (elements)
-    stride_xm,
-    stride_xk,
-    stride_wk,
-    stride_wn,
-    stride_lom,
-    stride_lor,
-    stride_ak,
-    stride_ar,
-    stride_br,
-    stride_bn,
-    stride_om,
-    stride_on,
-    stride_bits,
-    # scale of the rank-r input: s (forward), 1 / (1 - p) (dx)
-    lo_scale,
-    # Meta-parameters
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    R_PAD: tl.constexpr,
-    LORA: tl.constexpr,  # 0: plain GEMM; 1: rank-r term from lo; 2: lo = x @ a in the K loop, stored
-    KEEP: tl.constexpr,  # mask the rank-r term with the stored dropout bits (dx)
-    HAS_BIAS: tl.constexpr,
-    FP64: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # (1) grouped ordering: GROUP_M row-tiles share their columns of w while they sit in L2
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share their columns of w
+    while they sit in L2 (the Triton matmul tutorial's ordering)."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
 
+
+@triton.jit
+def _rank_r(acc, x_ptr, lo_ptr, b_ptr, offs_m, offs_n, R, stride_lom, stride_lor, stride_br, stride_bn,
+            lo_scale, mask_m, mask_n, R_PAD: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr):  # fmt: skip
+    """acc + (lo_scale * lo[offs_m, :R]) @ b_lr[:R, offs_n] in x's dtype (lo rounded to it first, as a
+    16-bit PyTorch LoRA rounds its (M, r) intermediate), in steps of 16 ranks (the tensor cores' k): a
+    whole (BLOCK_M, 128) operand would crowd the registers."""
+    dtype = x_ptr.dtype.element_ty
+    for r0 in tl.static_range(0, R_PAD, 16):
+        offs_c = r0 + tl.arange(0, 16)
+        mask_c = offs_c < R
+        lo = _tile(lo_ptr, offs_m, offs_c, stride_lom, stride_lor, mask_m, mask_c)
+        b = _tile(b_ptr, offs_c, offs_n, stride_br, stride_bn, mask_c, mask_n).to(dtype)
+        acc = _mm((lo * lo_scale).to(dtype), b, acc, FP64, UPCAST, PRECISION)
+    return acc
+
+
+# fmt: off
+@triton.jit
+def _mm_kernel(
+    x_ptr, w_ptr, bias_ptr, lo_ptr, a_ptr, b_ptr, out_ptr, bits_ptr,  # pointers
+    M, N, K, R,  # sizes: x (M, K), w (K, N), lo (M, R), a (K, R), b_lr (R, N), out (M, N)
+    m_bucket,  # next power of two >= M: only the autotuner's cache key
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_lom, stride_lor,  # strides
+    stride_ak, stride_ar, stride_br, stride_bn, stride_om, stride_on, stride_bits,
+    lo_scale,  # scale of the rank-r input: s (forward), 1 / (1 - p) (dx)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr,
+    LORA: tl.constexpr,  # 0: plain GEMM; 1: rank-r term from lo; 2: lo = x @ a in the K loop, stored
+    KEEP: tl.constexpr,  # mask the rank-r term with the stored dropout bits (dx)
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # fmt: on
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
-    m64, n64, k64, r64 = offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64), offs_r.to(tl.int64)
     dtype = x_ptr.dtype.element_ty
-    lo_ptrs = lo_ptr + m64[:, None] * stride_lom + r64[None, :] * stride_lor
-    b_ptrs = b_ptr + r64[:, None] * stride_br + n64[None, :] * stride_bn
-    mask_rn = mask_r[:, None] & mask_n[None, :]
 
-    # (2) the accumulator starts at the rank-r term: (BLOCK_M, R_PAD) @ (R_PAD, BLOCK_N), in steps of 16
-    #     ranks (the tensor cores' k): a whole (BLOCK_M, 128) operand would crowd the registers
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-        lo = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        lo = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # (1) the accumulator starts at the rank-r term (dx: masked with the stored dropout bits)
+    acc = _zeros(BLOCK_M, BLOCK_N, FP64)
     if LORA == 1:
-        for r0 in tl.static_range(0, R_PAD, 16):
-            offs_c = r0 + tl.arange(0, 16)
-            lo_c = tl.load(
-                lo_ptr + m64[:, None] * stride_lom + offs_c.to(tl.int64)[None, :] * stride_lor,
-                mask=mask_m[:, None] & (offs_c[None, :] < R),
-                other=0.0,
-            )
-            b_c = tl.load(
-                b_ptr + offs_c.to(tl.int64)[:, None] * stride_br + n64[None, :] * stride_bn,
-                mask=(offs_c[:, None] < R) & mask_n[None, :],
-                other=0.0,
-            )
-            acc = _mm((lo_c * lo_scale).to(dtype), b_c.to(dtype), acc, FP64, UPCAST, PRECISION)
+        acc = _rank_r(acc, x_ptr, lo_ptr, b_ptr, offs_m, offs_n, R, stride_lom, stride_lor, stride_br, stride_bn,
+                      lo_scale, mask_m, mask_n, R_PAD, FP64, UPCAST, PRECISION)  # fmt: skip
         if KEEP:
             keep = _read_keep(bits_ptr, offs_m, pid_n * BLOCK_N, stride_bits, mask_m, BLOCK_M, BLOCK_N, True)
             acc = tl.where(keep, acc, 0.0)
 
-    # (3) the K loop: acc += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N)
-    x_ptrs = x_ptr + m64[:, None] * stride_xm + k64[None, :] * stride_xk
-    w_ptrs = w_ptr + k64[:, None] * stride_wk + n64[None, :] * stride_wn
-    a_ptrs = a_ptr + k64[:, None] * stride_ak + r64[None, :] * stride_ar
+    # (2) the K loop: acc += x tile (BLOCK_M, BLOCK_K) @ w tile (BLOCK_K, BLOCK_N); pointers advance
+    #     by BLOCK_K (recomputing 64-bit offsets per iteration costs registers)
+    k64 = offs_k.to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + k64[None, :] * stride_xk
+    w_ptrs = w_ptr + k64[:, None] * stride_wk + offs_n.to(tl.int64)[None, :] * stride_wn
+    a_ptrs = a_ptr + k64[:, None] * stride_ak + offs_r.to(tl.int64)[None, :] * stride_ar
+    lo = _zeros(BLOCK_M, R_PAD, FP64)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -404,31 +321,25 @@ def _mm_kernel(
         x_ptrs += tl.cast(stride_xk, tl.int64) * BLOCK_K
         w_ptrs += tl.cast(stride_wk, tl.int64) * BLOCK_K
 
-    # (4) in-loop shrink: store xa for backward (one column tile: every program owns its rows), add it
+    # (3) in-loop shrink: store xa for backward (one column tile: every program owns its rows), add it
     if LORA == 2:
-        tl.store(lo_ptrs, lo.to(lo_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-        b = tl.load(b_ptrs, mask=mask_rn, other=0.0).to(dtype)
+        lo_offs = offs_m.to(tl.int64)[:, None] * stride_lom + offs_r.to(tl.int64)[None, :] * stride_lor
+        tl.store(lo_ptr + lo_offs, lo.to(lo_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+        b = _tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, mask_r, mask_n).to(dtype)
         acc = _mm((lo * lo_scale).to(dtype), b, acc, FP64, UPCAST, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n64, mask=mask_n, other=0.0).to(acc.dtype)[None, :]  # contiguous
-    out_ptrs = out_ptr + m64[:, None] * stride_om + n64[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + offs_n.to(tl.int64), mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _bits_kernel(bits_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The dropout bits alone (dropout_mask, and the cuBLAS plan): the same draw as _shrink_kernel."""
+    """The dropout bits alone (dropout_mask, and the composite plan): the same draw as _shrink_kernel."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     keep = _keep_tile(tl.load(seed_ptr), offs_m, k0, p, BLOCK_M, BLOCK_K)
-    offs_b = (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)
-    kb = tl.cdiv(K, 8)
-    mask = (offs_m[:, None] < M) & (offs_b[None, :] < kb)
-    tl.store(
-        bits_ptr + offs_m.to(tl.int64)[:, None] * kb + offs_b[None, :],
-        _pack_bits(keep, BLOCK_M, BLOCK_K),
-        mask=mask,
-    )
+    _store_keep(bits_ptr, keep, offs_m, k0, offs_m < M, tl.cdiv(K, 8), BLOCK_M, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------------------------------
