@@ -422,26 +422,28 @@ def section_quant(pr: Probe):
         ref = F.linear(xf, W4.float()) + s * F.linear(F.linear(xf, A), B)
         with torch.no_grad():
             err = ((layer(x).float() - ref).norm() / ref.norm()).item()
-        base = lambda: F.linear(x, W)
-        rec = dict(proj=proj, shape=[n_in, n_out], r=r, error=err, ok=err < 2e-2)
-        rec["ms"] = dict(
-            base_bf16=pr.time(no_grad(base)),
-            dequant=pr.time(no_grad(lambda: q4.dequantize(x.dtype))),
-            base_4bit=pr.time(no_grad(lambda: q4(x))),
-            lora_4bit=pr.time(no_grad(lambda: layer(x))),
-            lora_4bit_fwdbwd=pr.time(fwd_bwd(lambda: layer(x), [x, layer.lora_A, layer.lora_B], dy)),
-            base_bf16_fwdbwd=pr.time(fwd_bwd(base, [x], dy)),
+        fns = dict(
+            base_bf16=lambda: F.linear(x, W), dequant=lambda: q4.dequantize(x.dtype), base_4bit=lambda: q4(x)
         )
+        fns["lora_4bit"] = lambda: layer(x)
         peer = bnb_peft_4bit(W, A, B, s) if pr.dev == "cuda" else None
         if peer is not None:
-            rec["ms"]["bnb_peft_4bit"] = pr.time(no_grad(lambda: peer(x)))
-            params = [q for q in peer.parameters() if q.requires_grad]
-            rec["ms"]["bnb_peft_4bit_fwdbwd"] = pr.time(fwd_bwd(lambda: peer(x), [x, *params], dy))
-        ms = rec["ms"]
-        rec["fwd_vs_bf16_base"] = ms["lora_4bit"] / ms["base_bf16"]
-        rec["dequant_GBps"] = W.numel() * 2.5 / (ms["dequant"] * 1e6)  # 0.5 B read + 2 B written per weight
-        if "bnb_peft_4bit" in ms:
-            rec["speedup_vs_bnb_peft"] = ms["bnb_peft_4bit"] / ms["lora_4bit"]
+            fns["bnb_peft_4bit"] = lambda: peer(x)
+        grads = dict(base_bf16=[x], lora_4bit=[x, layer.lora_A, layer.lora_B])
+        if peer is not None:
+            grads["bnb_peft_4bit"] = [x, *(q for q in peer.parameters() if q.requires_grad)]
+        rec = dict(proj=proj, shape=[n_in, n_out], r=r, error=err, ok=err < 2e-2, ms={}, graph_ms={})
+        for name, fn in fns.items():  # eager (host-bound where the host is slow), then the GPU alone
+            rec["ms"][name] = pr.time(no_grad(fn))
+            rec["graph_ms"][name] = pr.time(no_grad(fn), graph=pr.dev == "cuda")
+            if name in grads:
+                rec["ms"][name + "_fwdbwd"] = pr.time(fwd_bwd(fn, grads[name], dy))
+        for key in ("ms", "graph_ms"):
+            ms = rec[key]
+            rec[key + "_lora_vs_bf16_base"] = ms["lora_4bit"] / ms["base_bf16"]
+            if "bnb_peft_4bit" in ms:
+                rec[key + "_speedup_vs_bnb_peft"] = ms["bnb_peft_4bit"] / ms["lora_4bit"]
+        rec["dequant_GBps"] = W.numel() * 2.5 / (rec["graph_ms"]["dequant"] * 1e6)  # 0.5 B read + 2 B written
         pr.record("quant", **rec)
 
 
