@@ -127,10 +127,12 @@ def main(argv=None):
     args = parse_args(argv)
     # 1) processes: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and Triton launch on the current device: rank k's is GPU k
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if args.threads:
         torch.set_num_threads(args.threads)
     say = print if rank == 0 else (lambda *a, **k: None)
