@@ -89,14 +89,19 @@ def write_folder(folder: Path, files: dict[str, Callable[[Path], object] | None]
     """Write `files` (name: write, as write_files; None: no such file) into `folder` as a whole: into
     a fresh sibling folder, then swapped in (replace_folder), so a crash leaves the old folder or the
     new one, each complete, never a mix. The old folder's other entries are carried over as hard
-    links (no copy)."""
-    folder = Path(folder)
+    links (no copy), and its mode."""
+    folder = Path(folder).resolve()
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise ValueError(
+            f"{folder} is replaced as a whole when written, so it cannot be the current directory"
+        )
     remove_temporaries(folder)
     tmp = temp_path(folder)
     tmp.mkdir(parents=True)
     try:
-        for entry in folder.iterdir() if folder.is_dir() else ():
-            if entry.name not in files:
+        if folder.is_dir():
+            shutil.copymode(folder, tmp)
+            for entry in (e for e in folder.iterdir() if e.name not in files):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link)
                 else:

@@ -589,6 +589,9 @@ def test_a_crash_anywhere_in_save_adapter_leaves_the_old_or_the_new_adapter(tmp_
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
                                                        "adapter_model.safetensors"]  # fmt: skip
     assert (folder / "README.md").read_text() == "notes of the user"
+    monkeypatch.chdir(folder)  # the folder is swapped in whole: never the one the process is in
+    with pytest.raises(ValueError, match="cannot be the current directory"):
+        ml.save_adapter(model, ".")
 
 
 @pytest.mark.parametrize(
