@@ -365,7 +365,7 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
         if len(raw) < n:
             raise ValueError(f"{path} is truncated inside its header (re-download this file)")
         try:
-            header = json.loads(raw)
+            header = json_loads(raw.decode("utf-8"))
         except ValueError as e:
             raise ValueError(f"{path}: the safetensors header is corrupted ({e}); re-download it") from e
     if not isinstance(header, dict):
