@@ -147,6 +147,8 @@ def settings(args, device):
     for path in (args.data, args.eval_data):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"no data file {path}")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model} is not a folder (a Hugging Face style Gemma folder)")
     if args.template is not None:
         template_fields(args.template)
     dtype = resolve_dtype(args.dtype, device)
