@@ -173,6 +173,12 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"could not read {weights_path} (truncated or corrupted?): {e}") from None
+    return config, _modules(tensors, weights_path)
+
+
+def _modules(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights file's tensors by module, {name: {"lora_A", "lora_B"}}, each checked: a LoRA key,
+    floating point, given once, both of a pair, matrices of one rank."""
     if not tensors:
         raise ValueError(f"{weights_path} holds no tensors: not an adapter (re-save or re-download it)")
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -199,7 +205,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
                 f"{weights_path}: {name}.lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be "
                 "non-empty matrices (r, in) and (out, r) of one rank r"
             )
-    return config, modules
+    return modules
 
 
 def load_adapter(
