@@ -267,6 +267,8 @@ def run(args, rank: int, device, say) -> None:
 
 def fine_tune(args, lora, config, dtype, rank: int, device, say) -> None:
     t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok, train_data, eval_data = load(args, dtype, device, say)
 
     # LoRA
@@ -326,8 +328,6 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     say = print if rank == 0 else (lambda *a, **k: None)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("minilora.gguf").setLevel(logging.INFO)  # the first run's model conversion

@@ -78,15 +78,20 @@ def setup(tmp_path_factory):
     return d, flags
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()  # the runs in this process set --threads 1
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(setup):
     """An uninterrupted run, in this process: its adapter bytes and metrics."""
     d, flags = setup
     threads = torch.get_num_threads()
-    try:
-        cli.main([*flags, "--out", str(d / "reference")])
-    finally:
-        torch.set_num_threads(threads)
+    cli.main([*flags, "--out", str(d / "reference")])
+    torch.set_num_threads(threads)
     return outcome(d / "reference")
 
 
@@ -251,13 +256,35 @@ def test_user_data_holds_out_a_slice_of_itself(setup, tmp_path, capsys):
     (tmp_path / "mine.json").write_text(json.dumps(records, indent=1))
     flags = ["--model", str(d / "model"), "--data", str(tmp_path / "mine.json"), "--holdout", "0.25"]
     flags += ["--targets", "q_proj, v_proj", "--steps", "1", "--batch-size", "4", "--eval-examples", "0"]
-    threads = torch.get_num_threads()
-    try:
-        cli.main([*flags, "--threads", "1", "--out", str(tmp_path / "run")])
-    finally:
-        torch.set_num_threads(threads)
+    cli.main([*flags, "--threads", "1", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert f"held out: 6 of the records of {tmp_path / 'mine.json'} (--holdout 0.25" in out
     assert "eval:  6 examples (prompt_completion)" in out and "train: 18 examples" in out
     assert "LoRA r=8 alpha=16 on 4 modules" in out
     assert "eval_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: the proof that a pickle was run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_pickle_in_a_run_folder_is_never_run_by_the_command_line(setup, reference, tmp_path):
+    # issue 9 (1): a shared or downloaded run folder ran code on --resume (4 of 4 crafted files)
+    d, _ = setup
+    run, marker = tmp_path / "downloaded", tmp_path / "pwned"
+    shutil.copytree(d / "reference", run)
+    (run / ".lock").unlink()
+    for name in ("trainer_state.pt", "rng_rank0.pt"):
+        torch.save(Payload(marker), run / "checkpoint" / name)
+    with pytest.raises(SystemExit, match=r"checkpoint/rng_rank0.pt is not listed in manifest.json"):
+        cli.main(["--out", str(run), "--resume"])
+    (run / "checkpoint" / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match=r"older minilora, in pickle files .* unpickling can run code"):
+        cli.main(["--out", str(run), "--resume"])
+    assert not marker.exists()
