@@ -264,24 +264,15 @@ def test_user_data_holds_out_a_slice_of_itself(setup, tmp_path, capsys):
     assert "eval_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
-class Payload:
-    """Unpickling this creates the file `marker`: the proof that a pickle was run."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_a_crafted_pickle_in_a_run_folder_is_never_run_by_the_command_line(setup, reference, tmp_path):
     # issue 9 (1): a shared or downloaded run folder ran code on --resume (4 of 4 crafted files)
     d, _ = setup
     run, marker = tmp_path / "downloaded", tmp_path / "pwned"
     shutil.copytree(d / "reference", run)
     (run / ".lock").unlink()
-    for name in ("trainer_state.pt", "rng_rank0.pt"):
-        torch.save(Payload(marker), run / "checkpoint" / name)
+    crafted = b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."  # open(marker, "w"), as pickle
+    for name in ("trainer_state.pt", "rng_rank0.pt"):  # the files older minilora unpickled
+        (run / "checkpoint" / name).write_bytes(crafted)
     with pytest.raises(SystemExit, match=r"checkpoint/rng_rank0.pt is not listed in manifest.json"):
         cli.main(["--out", str(run), "--resume"])
     (run / "checkpoint" / "manifest.json").unlink()
