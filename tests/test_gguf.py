@@ -437,3 +437,13 @@ def test_real_greedy_decode(real_dir):
     tok = minilora.Tokenizer(real_dir)
     text = minilora.generate(model, tok, "The capital of France is", max_new_tokens=16, temperature=0.0)
     assert text.startswith(" the capital of the country of France. It is the largest city in France")
+
+
+def test_the_command_lines_say_when_they_convert_the_default_model(monkeypatch, tiny, tmp_path, caplog):
+    # issue 9 (9): nothing was printed during the ~20 s first-run conversion
+    from minilora.generate import main
+
+    _fake_package(monkeypatch, tiny[0])
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    main(["--max-new-tokens", "1", "hi"])
+    assert f"converting {tmp_path}" in caplog.text and "gemma-3-270m (once)" in caplog.text
