@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (Hugging Face's convention)
+from minilora.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: public here too)
 
 
 @dataclass
@@ -331,14 +331,9 @@ class Gemma(nn.Module):
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        # Position t predicts token t + 1; the head runs only where that label counts.
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != IGNORE_INDEX
-        if not keep.any():
-            # No label in the batch: a zero that still belongs to the graph (backward works).
-            return h.sum() * 0.0
-        logits = self.head(h[:, :-1][keep])  # (N, vocab)
-        return F.cross_entropy(logits, targets[keep])
+        # Position t predicts token t + 1; the head runs only where that label counts, in chunks.
+        weight, cap = self.model.embed_tokens.weight, c.final_logit_softcapping
+        return linear_cross_entropy(h[:, :-1], weight, labels[:, 1:], cap)  # mean over the labels
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""

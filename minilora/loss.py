@@ -1,0 +1,80 @@
+"""Cross-entropy of a linear output head that never holds the full logits.
+
+    loss = mean over labelled rows i of  logsumexp(s_i) - s_i[y_i],   s_i = softcap(h_i W^T)
+
+The rows go through in chunks whose float32 (rows, vocab) temporaries fit CHUNK_BYTES; a chunk's
+logits live only while the chunk is processed. The gradient of a mean cross-entropy is known in
+the forward, up to the upstream scalar: dL/dz = (softmax(s) - onehot(y)) * softcap'(z) / N. So
+each chunk writes its rows of dh = dz W (and adds dz^T h to dW when the head trains) while its
+logits are in hand, and the backward only scales them. This is Liger Kernel's fused linear
+cross-entropy (Hsu et al. 2024, arXiv:2410.10989); Cut Cross-Entropy (Wijmans et al. 2024,
+arXiv:2411.09009) instead keeps the per-row logsumexp and recomputes the logits in the backward:
+the same memory (dh is the size of the h it would keep) for one more vocabulary-wide product,
+the step's largest on a CPU, so minilora takes the first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # label value that takes no part in the loss (Hugging Face's convention)
+CHUNK_BYTES = 256 << 20  # float32 temporaries per chunk: about 3 (rows, vocab) tensors
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of softcap(h @ weight.T) against targets, over the targets that are not
+    -100 (only those rows reach the head). h (..., d), weight (vocab, d), targets (...,); float32
+    (float64 for float64 inputs). chunk_size: rows per chunk (default: from CHUNK_BYTES). No
+    target at all: a zero that still belongs to the graph."""
+    keep = targets != IGNORE_INDEX
+    if not keep.any():
+        return h.sum() * 0.0
+    h, targets = h[keep], targets[keep]  # (N, d), (N,)
+    chunk = chunk_size or max(1, CHUNK_BYTES // (12 * weight.shape[0]))
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, chunk: int, grads: bool):
+        N = h.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)  # logits and logsumexp in float32 at least
+        dh = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, d)
+        dw = torch.zeros_like(weight, dtype=acc) if grads and ctx.needs_input_grad[1] else None  # (V, d)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for i in range(0, N, chunk):
+            hc, y = h[i : i + chunk], targets[i : i + chunk, None]  # (c, d), (c, 1)
+            s = (hc @ weight.T).to(acc)  # (c, V): the only vocabulary-wide tensors are this chunk's
+            if softcap is not None:
+                s.div_(softcap).tanh_().mul_(softcap)  # cap * tanh(z / cap), in place
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (c, 1)
+            total += (lse - s.gather(1, y)).sum()
+            if not grads:
+                continue
+            dz = (s - lse if softcap is not None else s.sub_(lse)).exp_()  # (c, V) softmax
+            dz.scatter_add_(1, y, torch.full_like(lse, -1.0))  # - onehot(y)
+            if softcap is not None:  # d softcap(z) / dz = 1 - tanh^2 = 1 - (s / cap)^2
+                dz.mul_(s.div_(softcap).square_().neg_().add_(1.0))
+            dz.div_(N)
+            if dw is not None:
+                dw.addmm_(dz.T, hc.to(acc))  # (V, d)
+            if dh is not None:
+                dh[i : i + chunk] = dz.to(h.dtype) @ weight  # (c, d)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh * grad.to(dh.dtype)
+        dw = None if dw is None else (dw * grad).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
