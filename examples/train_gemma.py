@@ -61,6 +61,9 @@ def parse_args(argv=None):
         "--group-by-length", action="store_true", help="batch similar lengths together (less padding)"
     )
     p.add_argument(
+        "--packing", action="store_true", help="concatenate examples into rows of --max-len (batch = rows)"
+    )
+    p.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16, float16"
     )
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -178,7 +181,7 @@ def main(argv=None):
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
         dtype="float32" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
         grad_checkpointing=args.grad_checkpointing, group_by_length=args.group_by_length,
-        eval_every=args.eval_every, seed=args.seed,
+        packing=args.packing, eval_every=args.eval_every, seed=args.seed,
         resume=args.resume, overwrite=args.overwrite,
     )  # fmt: skip
 

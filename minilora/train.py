@@ -39,7 +39,7 @@ from torch import nn
 
 from minilora.adapter import load_adapter, save_adapter
 from minilora.atomic import previous, replace_folder, write_files
-from minilora.data import SFTData, StepSampler, collate, n_targets
+from minilora.data import SFTData, StepSampler, collate, n_targets, pack
 from minilora.inject import lora_layers
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class TrainConfig:
     seed: int = 0
     # Batches of similar-length examples (less padding); changes the data order.
     group_by_length: bool = False
+    # Concatenate the examples into rows of the data's max_len (data.pack), attention kept within
+    # each example; batch_size then counts rows.
+    packing: bool = False
     # Continue the run in out_dir/checkpoint (its settings must match this run's).
     resume: bool = False
     # Start afresh even if out_dir already holds a checkpoint (which is then replaced).
@@ -147,11 +150,12 @@ def train_step(
     _, world = _world()
     device = next(net.parameters()).device
     loss_sum = 0.0
-    for j, (input_ids, labels) in enumerate(micro_batches):
+    for j, (input_ids, labels, *positions) in enumerate(micro_batches):  # positions: packed rows
         n = n_targets(labels)
+        packed = {"positions": positions[0].to(device)} if positions else {}
         with net.no_sync() if world > 1 and j < len(micro_batches) - 1 else nullcontext():
             with _autocast(device, AUTOCAST[config.dtype]):
-                mean = net(input_ids.to(device), labels=labels.to(device))  # mean CE over n tokens
+                mean = net(input_ids.to(device), labels=labels.to(device), **packed)  # mean CE over n
             # DDP averages gradients over ranks, hence * world: the sum over ranks is the global mean.
             part = mean * (n * world / max(n_global, 1))
             (scaler.scale(part) if scaler is not None else part).backward()
@@ -184,7 +188,7 @@ def _micro_batches(data: SFTData, indices: list[int], config: TrainConfig, pad_i
     batch = sorted((data[i] for i in indices), key=lambda ex: -len(ex[0]))
     bs, first = config.batch_size, rank * config.grad_accum
     micro = [collate(batch[k * bs : (k + 1) * bs], pad_id) for k in range(first, first + config.grad_accum)]
-    return micro, sum(n_targets(labels) for _, labels in batch), sum(len(ids) for ids, _ in batch)
+    return micro, sum(n_targets(ex[1]) for ex in batch), sum(len(ex[0]) for ex in batch)
 
 
 def _autocast(device: torch.device, dtype):
@@ -473,7 +477,8 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
             "the model has no trainable LoRA parameters; call minilora.inject(model, config) first"
         )
     global_batch = config.batch_size * config.grad_accum * world
-    sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
+    rows = pack(train_data) if config.packing else train_data
+    sampler = StepSampler(rows.lengths, global_batch, config.seed, config.group_by_length)
     total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
@@ -496,7 +501,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
         lr = lr_at(step, config, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro, n_global, n_tokens = _micro_batches(train_data, sampler.indices(step), config, pad_id)
+        micro, n_global, n_tokens = _micro_batches(rows, sampler.indices(step), config, pad_id)
         try:
             loss = train_step(net, micro, n_global, optimizer, scaler, config)
         except TrainingDiverged as e:
