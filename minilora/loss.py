@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # label value that takes no part in the loss (Hugging Face's convention)
-CHUNK_BYTES = 256 << 20  # float32 temporaries per chunk: about 3 (rows, vocab) tensors
+CHUNK_BYTES = 512 << 20  # a chunk's temporaries: two float32 (rows, vocab) tensors at most
 
 
 def linear_cross_entropy(
@@ -37,7 +37,7 @@ def linear_cross_entropy(
     if not keep.any():
         return h.sum() * 0.0
     h, targets = h[keep], targets[keep]  # (N, d), (N,)
-    chunk = chunk_size or max(1, CHUNK_BYTES // (12 * weight.shape[0]))
+    chunk = chunk_size or max(1, CHUNK_BYTES // (8 * weight.shape[0]))
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, grads)
 
@@ -53,16 +53,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, N, chunk):
             hc, y = h[i : i + chunk], targets[i : i + chunk, None]  # (c, d), (c, 1)
             s = (hc @ weight.T).to(acc)  # (c, V): the only vocabulary-wide tensors are this chunk's
+            slope = None
             if softcap is not None:
-                s.div_(softcap).tanh_().mul_(softcap)  # cap * tanh(z / cap), in place
-            lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (c, 1)
-            total += (lse - s.gather(1, y)).sum()
+                s.div_(softcap).tanh_()  # tanh(z / cap), in place
+                slope = s.square().neg_().add_(1.0) if grads else None  # (c, V) d softcap(z)/dz = 1 - tanh^2
+                s.mul_(softcap)
+            top = s.amax(dim=-1, keepdim=True)  # (c, 1)
+            total -= s.gather(1, y).sum()
+            p = s.sub_(top).exp_()  # (c, V) exp(s - max), in place
+            norm = p.sum(dim=-1, keepdim=True)  # (c, 1)
+            total += (top + norm.log()).sum()  # + logsumexp(s)
             if not grads:
                 continue
-            dz = (s - lse if softcap is not None else s.sub_(lse)).exp_()  # (c, V) softmax
-            dz.scatter_add_(1, y, torch.full_like(lse, -1.0))  # - onehot(y)
-            if softcap is not None:  # d softcap(z) / dz = 1 - tanh^2 = 1 - (s / cap)^2
-                dz.mul_(s.div_(softcap).square_().neg_().add_(1.0))
+            dz = p.div_(norm).scatter_add_(1, y, torch.full_like(norm, -1.0))  # softmax - onehot(y)
+            if slope is not None:
+                dz.mul_(slope)
             dz.div_(N)
             if dw is not None:
                 dw.addmm_(dz.T, hc.to(acc))  # (V, d)

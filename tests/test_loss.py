@@ -83,7 +83,7 @@ class VocabTensors(TorchDispatchMode):
 
 def test_never_more_than_one_chunk_of_logits(monkeypatch):
     h, weight, targets = inputs(torch.float32, N=40)
-    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 12 * VOCAB * 6)  # the budget of 6 rows
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 8 * VOCAB * 6)  # the budget of 6 rows
     with VocabTensors() as seen:
         linear_cross_entropy(h, weight, targets).backward()
     assert seen.rows == 6
@@ -116,7 +116,7 @@ def tiny_gemma(generation: str) -> Gemma:
 
 @pytest.mark.parametrize("generation", list(GENERATIONS))
 def test_tiny_gemma_loss_and_gradients_equal_the_full_logits_path(monkeypatch, generation):
-    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 12 * VOCAB * 4)  # chunks of 4 rows
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 8 * VOCAB * 4)  # chunks of 4 rows
     model = tiny_gemma(generation)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
