@@ -45,34 +45,14 @@ def linear_cross_entropy(
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, chunk: int, grads: bool):
-        N = h.shape[0]
-        acc = torch.promote_types(h.dtype, torch.float32)  # logits and logsumexp in float32 at least
+        N, acc = h.shape[0], torch.promote_types(h.dtype, torch.float32)  # float32 at least
         dh = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None  # (N, d)
         dw = torch.zeros_like(weight, dtype=acc) if grads and ctx.needs_input_grad[1] else None  # (V, d)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for i in range(0, N, chunk):
-            hc, y = h[i : i + chunk], targets[i : i + chunk, None]  # (c, d), (c, 1)
-            s = (hc @ weight.T).to(acc)  # (c, V): the only vocabulary-wide tensors are this chunk's
-            slope = None
-            if softcap is not None:
-                s.div_(softcap).tanh_()  # tanh(z / cap), in place
-                slope = s.square().neg_().add_(1.0) if grads else None  # (c, V) d softcap(z)/dz = 1 - tanh^2
-                s.mul_(softcap)
-            top = s.amax(dim=-1, keepdim=True)  # (c, 1)
-            total -= s.gather(1, y).sum()
-            p = s.sub_(top).exp_()  # (c, V) exp(s - max), in place
-            norm = p.sum(dim=-1, keepdim=True)  # (c, 1)
-            total += (top + norm.log()).sum()  # + logsumexp(s)
-            if not grads:
-                continue
-            dz = p.div_(norm).scatter_add_(1, y, torch.full_like(norm, -1.0))  # softmax - onehot(y)
-            if slope is not None:
-                dz.mul_(slope)
-            dz.div_(N)
-            if dw is not None:
-                dw.addmm_(dz.T, hc.to(acc))  # (V, d)
-            if dh is not None:
-                dh[i : i + chunk] = dz.to(h.dtype) @ weight  # (c, d)
+        total = sum(
+            _chunk(h[i : i + chunk], weight, targets[i : i + chunk, None], softcap, acc, N, grads,
+                   None if dh is None else dh[i : i + chunk], dw)
+            for i in range(0, N, chunk)
+        )  # fmt: skip
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return total / N
@@ -83,3 +63,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = None if dh is None else dh * grad.to(dh.dtype)
         dw = None if dw is None else (dw * grad).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None
+
+
+def _chunk(h, weight, y, softcap, acc, N: int, grads: bool, dh, dw) -> torch.Tensor:
+    """One chunk of rows, h (c, d), y (c, 1): returns its summed loss; with grads, writes its rows
+    of dh (c, d) and adds its share of dw. Its (c, V) tensors are freed when it returns."""
+    s = (h @ weight.T).to(acc)  # (c, V) logits
+    slope = None
+    if softcap is not None:
+        s.div_(softcap).tanh_()  # tanh(z / cap), in place
+        slope = s.square().neg_().add_(1.0) if grads else None  # (c, V) d softcap(z)/dz = 1 - tanh^2
+        s.mul_(softcap)
+    top = s.amax(dim=-1, keepdim=True)  # (c, 1)
+    loss = (top - s.gather(1, y)).sum()
+    p = s.sub_(top).exp_()  # (c, V) exp(s - max), in place
+    norm = p.sum(dim=-1, keepdim=True)  # (c, 1)
+    loss += norm.log().sum()  # logsumexp(s) - s[y], summed
+    if grads:
+        dz = p.div_(norm).scatter_add_(1, y, torch.full_like(norm, -1.0))  # softmax - onehot(y)
+        if slope is not None:
+            dz.mul_(slope)
+        dz.div_(N)
+        if dw is not None:
+            dw.addmm_(dz.T, h.to(acc))  # (V, d)
+        if dh is not None:
+            dh.copy_(dz.to(h.dtype) @ weight)  # (c, d)
+    return loss
