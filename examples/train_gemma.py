@@ -84,6 +84,9 @@ def parse_args(argv=None):
         "--group-by-length", action="store_true", help="batch similar lengths together (less padding)"
     )
     p.add_argument(
+        "--packing", action="store_true", help="concatenate examples into rows of --max-len (batch = rows)"
+    )
+    p.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16, float16"
     )
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -160,8 +163,9 @@ def settings(args, device):
             batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
             dtype="float32" if dtype == torch.float32 else str(dtype).removeprefix("torch."),
             grad_checkpointing=args.grad_checkpointing, group_by_length=args.group_by_length,
-            eval_every=args.eval_every, save_every=args.save_every, save_every_minutes=args.save_minutes,
-            seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+            packing=args.packing, eval_every=args.eval_every, save_every=args.save_every,
+            save_every_minutes=args.save_minutes, seed=args.seed,
+            resume=args.resume, overwrite=args.overwrite,
         )  # fmt: skip
     except ValueError as e:  # "TrainConfig.warmup_steps must be ..." -> "--warmup must be ..."
         flag = lambda m: FLAG.get(m[1], "--" + m[1].replace("_", "-"))
@@ -324,12 +328,12 @@ def progress(info) -> str:
 def main(argv=None):
     args = parse_args(argv)
     # processes: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise
-    if _world() > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and Triton launch on the current device: rank k's is GPU k
+    if _world() > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     say = print if rank == 0 else (lambda *a, **k: None)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("minilora.gguf").setLevel(logging.INFO)  # the first run's model conversion

@@ -24,6 +24,7 @@ the model shifts them inside (as Hugging Face models do).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -287,8 +288,9 @@ def encode(
 class SFTData:
     """Tokenized examples plus what happened on the way (reported by train_gemma.py)."""
 
-    # (input_ids, labels) per kept example, labels aligned with input_ids (-100 = no loss).
-    examples: list[tuple[list[int], list[int]]]
+    # (input_ids, labels) per kept example, labels aligned with input_ids (-100 = no loss); pack()'s
+    # rows add positions.
+    examples: list[tuple[list[int], ...]]
     # The source records of the kept examples (for generation-based evaluation).
     records: list[dict] = field(default_factory=list)
     # Format actually used ("auto" resolved).
@@ -299,6 +301,8 @@ class SFTData:
     n_records: int = 0
     n_truncated: int = 0
     n_skipped: int = 0
+    # The length examples were cut at (tokenize's max_len); packed rows hold up to this many tokens.
+    max_len: int | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -308,11 +312,11 @@ class SFTData:
 
     @property
     def lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.examples]
+        return [len(ex[0]) for ex in self.examples]
 
     def summary(self) -> str:
         n_tokens = sum(self.lengths)
-        n_labels = sum(sum(1 for x in labels if x != IGNORE_INDEX) for _, labels in self.examples)
+        n_labels = sum(sum(1 for x in ex[1] if x != IGNORE_INDEX) for ex in self.examples)
         return (
             f"{len(self)} examples ({self.format}), {n_tokens} tokens, {n_labels} with loss; "
             f"truncated: {self.n_truncated} of the examples; "
@@ -345,7 +349,7 @@ def tokenize(
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 tokens, got {max_len}")
     fmt = detect_format(records[0], template) if format == "auto" else format
-    data = SFTData(examples=[], format=fmt, template=template, n_records=len(records))
+    data = SFTData(examples=[], format=fmt, template=template, n_records=len(records), max_len=max_len)
     # Chat replies already end in <end_of_turn>, the stop token of a chat model.
     eos_id = tok.eos_id if add_eos and fmt != "chat" else None
     for i, record in enumerate(records):
@@ -402,18 +406,43 @@ def load_split(path: str | os.PathLike, tok, held_out: float, *, seed: int = 0, 
 # batches
 
 
-def collate(
-    examples: list[tuple[list[int], list[int]]], pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the batch's longest sequence: input_ids with pad_id, labels with -100.
-    Right padding under causal attention changes nothing at the real positions, so no mask is needed."""
-    T = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    for b, (ids, lab) in enumerate(examples):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-    return input_ids, labels
+def collate(examples: list[tuple[list[int], ...]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """Right-pad to the batch's longest sequence: input_ids with pad_id, labels with -100, and the
+    positions of packed rows (see pack) with 0, so that each pad token stands alone. Right padding
+    under causal attention changes nothing at the real positions, so no mask is needed."""
+    T = max(len(ex[0]) for ex in examples)
+    fills = (pad_id, IGNORE_INDEX, 0)[: len(examples[0])]
+    out = tuple(torch.full((len(examples), T), fill, dtype=torch.long) for fill in fills)  # each (B, T)
+    for b, ex in enumerate(examples):
+        for tensor, seq in zip(out, ex, strict=True):
+            tensor[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def pack(data: SFTData, max_len: int | None = None) -> SFTData:
+    """The examples concatenated into rows of up to max_len tokens (default: data.max_len, else the
+    longest example), best fit in decreasing length. A row is (input_ids, labels, positions):
+    positions restart at 0 with each example (the model keeps attention within an example), and
+    each example's first label is -100, so no token learns to predict the next example's start."""
+    lengths = data.lengths
+    max_len = max_len or data.max_len or max(lengths)
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, row), sorted
+    for i in sorted(range(len(data)), key=lambda i: -lengths[i]):
+        j = bisect.bisect_left(room, (lengths[i], -1))  # the fullest row it fits in
+        free, r = room.pop(j) if j < len(room) else (max_len, len(rows))
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(room, (free - lengths[i], r))
+    packed = [([], [], []) for _ in rows]
+    for (ids, labels, positions), row in zip(packed, rows, strict=True):
+        for x, y in (data[i] for i in row):
+            ids += x
+            labels += [IGNORE_INDEX, *y[1:]]
+            positions += range(len(x))
+    kept = dict(format=data.format, template=data.template, n_records=data.n_records, max_len=max_len)
+    return SFTData(examples=packed, **kept)
 
 
 def n_targets(labels) -> int:

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (Hugging Face's convention)
+from minilora.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: public here too)
+
+ATTN_BLOCK = 512  # queries per block where attention needs a mask (it sees only the keys it can see)
 
 
 @dataclass
@@ -107,14 +109,14 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, base: float, factor: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim) for the "rotate half" layout; linear scaling divides the
-    frequencies (equivalently the positions) by `factor`. Computed in float32, cast once."""
+    """cos and sin of shape (..., head_dim) for positions (...,) in the "rotate half" layout; linear
+    scaling divides the frequencies (equivalently the positions) by `factor`. Float32, cast once."""
     inv_freq = 1.0 / (
         base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     )
     inv_freq = inv_freq / factor
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    freqs = positions.float()[..., None] * inv_freq  # (..., hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -137,6 +139,51 @@ def attention_mask(q_start: int, T: int, k_start: int, S: int, window: int | Non
     if window is not None:
         mask &= k > q - window
     return mask
+
+
+def attend(q, k, v, q_start: int, k_start: int, window: int | None, scale: float, cap: float | None,
+           seg: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Causal attention of queries at positions q_start.. (q: (B, nh, T, hd)) over keys and values
+    at k_start.. (k, v: (B, nkv, S, hd)); returns (B, nh, T, hd). seg (B, T): example index of each
+    token of a packed row (no cache); attention stays within an example.
+
+    A plain causal layer is SDPA's causal path. Otherwise the queries go in blocks of ATTN_BLOCK,
+    each against the keys it can see (window, causality), with a (block, keys) mask: memory stays
+    linear in T, and a sliding layer's work too."""
+    T, S = q.shape[2], k.shape[2]
+    if seg is None and cap is None and k_start == q_start and S == T and (window is None or window >= T):
+        return _attend_block(q, k, v, None, scale, cap, causal=True)
+    out = []
+    for t in range(0, T, ATTN_BLOCK):
+        first, n = q_start + t, min(ATTN_BLOCK, T - t)  # the block's first query position, its size
+        lo = k_start if window is None else max(k_start, first - window + 1)  # keys lo .. hi - 1
+        hi = min(k_start + S, first + n)
+        mask = attention_mask(first, n, lo, hi - lo, window, q.device)  # (n, hi - lo)
+        if seg is not None:  # (B, 1, n, hi - lo): and within the same example
+            mask = mask & (seg[:, None, first : first + n, None] == seg[:, None, None, lo:hi])
+        keys = slice(lo - k_start, hi - k_start)
+        args = (q[:, :, t : t + n], k[:, :, keys], v[:, :, keys])
+        if cap is not None and torch.is_grad_enabled():  # backward keeps one block's scores, not all
+            out.append(checkpoint(_attend_block, *args, mask, scale, cap, use_reentrant=False))
+        else:
+            out.append(_attend_block(*args, mask, scale, cap))
+    return torch.cat(out, dim=2)  # (B, nh, T, hd)
+
+
+def _attend_block(q, k, v, mask, scale: float, cap: float | None, causal: bool = False):
+    """softmax(softcap(q k^T * scale) where mask, else -inf) v. mask: None, (T, S) or (B, 1, T, S)."""
+    if cap is None:  # key/value heads shared by query heads: expanded (a view for one kv head),
+        # as SDPA's CPU backward with enable_gqa takes ~3x longer (torch 2.13, measured)
+        k, v = (x[:, :, None].expand(-1, -1, q.shape[1] // x.shape[1], -1, -1).flatten(1, 2) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)  # (B, nh, T, hd)
+    # Soft-capped logits (Gemma 2) need the scores in hand: tanh between the product and the
+    # softmax. Query heads are grouped over their shared key/value head (no copy of k, v).
+    (B, nh, T, hd), (nkv, S) = q.shape, k.shape[1:3]
+    att = q.view(B, nkv, nh // nkv, T, hd) @ k.unsqueeze(2).transpose(-2, -1)  # (B, nkv, rep, T, S)
+    att = softcap(att.view(B, nh, T, S) * scale, cap)  # (B, nh, T, S)
+    acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in float32 at least
+    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1, dtype=acc).to(q.dtype)
+    return (att.view(B, nkv, nh // nkv, T, S) @ v.unsqueeze(2)).view(B, nh, T, hd)  # (B, nh, T, hd)
 
 
 class KVCache:
@@ -191,7 +238,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, c.rms_norm_eps)
             self.k_norm = RMSNorm(hd, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, cache: KVCache | None):
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, seg: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -202,31 +249,7 @@ class Attention(nn.Module):
         k_start = pos
         if cache is not None:
             k, v, k_start = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        S = k.shape[2]
-
-        # The mask: none when every key is visible (one new token, window not exceeded), the
-        # causal flag when queries and keys are the same positions within one window, else explicit.
-        all_visible = T == 1 and (self.window is None or self.window >= S)
-        causal = not all_visible and k_start == pos and S == T and (self.window is None or self.window >= T)
-        mask = None if all_visible or causal else attention_mask(pos, T, k_start, S, self.window, x.device)
-        if self.softcap is None:
-            gqa = self.n_kv != self.n_head
-            y = F.scaled_dot_product_attention(
-                q, k, v, mask, is_causal=causal, scale=self.scale, enable_gqa=gqa
-            )
-        else:
-            # Soft-capped logits (Gemma 2) need the scores in hand: tanh between the product and
-            # the softmax. Query heads are grouped over their shared key/value head (no copy).
-            rep = self.n_head // self.n_kv
-            qg = q.view(B, self.n_kv, rep, T, self.head_dim)  # (B, nkv, rep, T, hd)
-            att = (qg @ k.unsqueeze(2).transpose(-2, -1)) * self.scale  # (B, nkv, rep, T, S)
-            att = softcap(att, self.softcap)
-            if causal:
-                mask = attention_mask(pos, T, k_start, S, self.window, x.device)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
-            y = (att @ v.unsqueeze(2)).view(B, self.n_head, T, self.head_dim)  # (B, nh, T, hd)
+        y = attend(q, k, v, pos, k_start, self.window, self.scale, self.softcap, seg)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)
 
@@ -258,8 +281,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(d, eps)
             self.post_feedforward_layernorm = RMSNorm(d, eps)
 
-    def forward(self, h, cos, sin, pos: int, cache: KVCache | None = None):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, pos, cache)
+    def forward(self, h, cos, sin, pos: int, cache: KVCache | None = None, seg: torch.Tensor | None = None):
+        a = self.self_attn(self.input_layernorm(h), cos, sin, pos, cache, seg)
         if self.sandwich:
             h = h + self.post_attention_layernorm(a)
             h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -292,53 +315,51 @@ class Gemma(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
+        positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T). Returns float32 logits (B, T, vocab) (or (B, 1, vocab) with
         last_logits_only), or with labels (B, T) the mean cross-entropy of predicting labels[t + 1]
         at position t over the labels that are not -100 (shifted inside, as in Hugging Face).
-        With a cache, the tokens continue the cached sequence and their keys are appended."""
+        With a cache, the tokens continue the cached sequence and their keys are appended.
+        positions (B, T), for packed rows (no cache): each token's position in its own example; a 0
+        starts the next example, which attends only to itself."""
         c = self.config
         B, T = input_ids.shape
         pos = cache.seen if cache is not None else 0
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
         # sqrt(d) rounded to the activation dtype first, as the reference does (55.5 in bf16 for d=3072).
         h = h * torch.tensor(c.hidden_size**0.5, dtype=h.dtype)
-        positions = torch.arange(pos, pos + T, device=input_ids.device)
+        seg = None if positions is None else (positions == 0).cumsum(dim=1)  # (B, T) example index
+        if positions is None:
+            positions = torch.arange(pos, pos + T, device=input_ids.device)[None]  # (1, T)
         # (base, scaling factor) and then cos/sin per layer kind: False = full attention, True = sliding.
         bases = {
             False: (c.rope_theta, c.rope_scaling_factor),
             True: (c.rope_local_base_freq, c.rope_local_scaling_factor),
         }
-        rope = {kind: rope_cos_sin(positions, c.head_dim, *bases[kind], h.dtype) for kind in bases}
+        rope = {kind: rope_cos_sin(positions[:, None], c.head_dim, *bases[kind], h.dtype) for kind in bases}
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            cos, sin = rope[c.sliding_layers[i]]
+            cos, sin = rope[c.sliding_layers[i]]  # (B or 1, 1, T, hd)
             if recompute:
-                h = checkpoint(layer, h, cos, sin, pos, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, pos, None, seg, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, pos, cache)
+                h = layer(h, cos, sin, pos, cache, seg)
         if cache is not None:
             cache.seen += T
         h = self.model.norm(h)  # (B, T, d)
 
         if labels is None:
-            if last_logits_only:
-                h = h[:, -1:]
-            return self.head(h)
+            return self.head(h[:, -1:] if last_logits_only else h)
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        # Position t predicts token t + 1; the head runs only where that label counts.
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != IGNORE_INDEX
-        if not keep.any():
-            # No label in the batch: a zero that still belongs to the graph (backward works).
-            return h.sum() * 0.0
-        logits = self.head(h[:, :-1][keep])  # (N, vocab)
-        return F.cross_entropy(logits, targets[keep])
+        # Position t predicts token t + 1; the head runs only where that label counts, in chunks.
+        weight, cap = self.model.embed_tokens.weight, c.final_logit_softcapping
+        return linear_cross_entropy(h[:, :-1], weight, labels[:, 1:], cap)  # mean over the labels
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""

@@ -49,7 +49,7 @@ from torch import nn
 from minilora.adapter import adapter_files, load_adapter, save_adapter
 from minilora.atomic import fsync_dir, previous, remove_temporaries, replace_folder, write_error, write_files
 from minilora.checkpoint import json_loads, read_json
-from minilora.data import SFTData, StepSampler, collate, n_targets
+from minilora.data import SFTData, StepSampler, collate, n_targets, pack
 from minilora.inject import lora_layers
 
 try:
@@ -104,6 +104,9 @@ class TrainConfig:
     seed: int = 0
     # Batches of similar-length examples (less padding); changes the data order.
     group_by_length: bool = False
+    # Concatenate the examples into rows of the data's max_len (data.pack), attention kept within
+    # each example; batch_size then counts rows.
+    packing: bool = False
     # Continue the run in out_dir/checkpoint (its settings must match this run's).
     resume: bool = False
     # Start afresh even if out_dir already holds a checkpoint (which is then replaced).
@@ -185,11 +188,12 @@ def train_step(
     _, world = _world()
     device = next(net.parameters()).device
     loss_sum = 0.0
-    for j, (input_ids, labels) in enumerate(micro_batches):
+    for j, (input_ids, labels, *positions) in enumerate(micro_batches):  # positions: packed rows
         n = n_targets(labels)
+        packed = {"positions": positions[0].to(device)} if positions else {}
         with net.no_sync() if world > 1 and j < len(micro_batches) - 1 else nullcontext():
             with _autocast(device, AUTOCAST[config.dtype]):
-                mean = net(input_ids.to(device), labels=labels.to(device))  # mean CE over n tokens
+                mean = net(input_ids.to(device), labels=labels.to(device), **packed)  # mean CE over n
             # DDP averages gradients over ranks, hence * world: the sum over ranks is the global mean.
             part = mean * (n * world / max(n_global, 1))
             (scaler.scale(part) if scaler is not None else part).backward()
@@ -222,7 +226,7 @@ def _micro_batches(data: SFTData, indices: list[int], config: TrainConfig, pad_i
     batch = sorted((data[i] for i in indices), key=lambda ex: -len(ex[0]))
     bs, first = config.batch_size, rank * config.grad_accum
     micro = [collate(batch[k * bs : (k + 1) * bs], pad_id) for k in range(first, first + config.grad_accum)]
-    return micro, sum(n_targets(labels) for _, labels in batch), sum(len(ids) for ids, _ in batch)
+    return micro, sum(n_targets(ex[1]) for ex in batch), sum(len(ex[0]) for ex in batch)
 
 
 def _autocast(device: torch.device, dtype):
@@ -662,7 +666,7 @@ def train(
 def _train(model, tok, train_data, eval_data, config, callback, stop: list[int]) -> dict:
     rank, world = _world()
     out, pad_id, device = Path(config.out_dir), getattr(tok, "pad_id", 0), next(model.parameters()).device
-    optimizer, scaler, sampler, total = _setup(model, train_data, config)
+    optimizer, scaler, rows, sampler, total = _setup(model, train_data, config)
     settings = run_settings(model, config, train_data, world)
     start, train_s = _start(out, model, optimizer, scaler, settings, config)
     net = _ddp(model, device) if world > 1 else model
@@ -680,7 +684,7 @@ def _train(model, tok, train_data, eval_data, config, callback, stop: list[int])
         lr = lr_at(step, config, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro, n_global, n_tokens = _micro_batches(train_data, sampler.indices(step), config, pad_id)
+        micro, n_global, n_tokens = _micro_batches(rows, sampler.indices(step), config, pad_id)
         try:
             loss = train_step(net, micro, n_global, optimizer, scaler, config)
         except TrainingDiverged as e:
@@ -706,7 +710,8 @@ def _train(model, tok, train_data, eval_data, config, callback, stop: list[int])
 
 
 def _setup(model: nn.Module, train_data: SFTData, config: TrainConfig):
-    """(AdamW over the adapter, the float16 grad scaler or None, the step sampler, the step count)."""
+    """(AdamW over the adapter, the float16 grad scaler or None, the rows trained on (the examples, or
+    them packed), the step sampler, the step count)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not any(True for _ in lora_layers(model)):
         raise ValueError(
@@ -714,13 +719,14 @@ def _setup(model: nn.Module, train_data: SFTData, config: TrainConfig):
         )
     device = next(model.parameters()).device
     global_batch = config.batch_size * config.grad_accum * _world()[1]
-    sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
+    rows = pack(train_data) if config.packing else train_data
+    sampler = StepSampler(rows.lengths, global_batch, config.seed, config.group_by_length)
     total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
     scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None
-    return optimizer, scaler, sampler, total
+    return optimizer, scaler, rows, sampler, total
 
 
 def _step_info(done: int, total: int, loss: float, lr: float, eval_loss, recent, train_s: float) -> dict:

@@ -17,6 +17,7 @@ from minilora.data import (
     collate,
     load_dataset,
     n_targets,
+    pack,
     prompt_and_target,
     tokenize,
 )
@@ -139,6 +140,29 @@ def test_collate_right_pads_with_pad_id_and_ignored_labels():
     assert input_ids[1, len(b[0]) :].eq(0).all() and labels[1, len(b[1]) :].eq(IGNORE_INDEX).all()
     assert input_ids[1, : len(b[0])].tolist() == b[0]
     assert n_targets(labels) == n_targets(a[1]) + n_targets(b[1])
+
+
+def test_pack_fills_rows_best_fit_and_keeps_every_example_once():
+    data = tokenize([{"text": "a" * n} for n in (10, 3, 7, 5, 2, 9, 4)], TOK, max_len=12)
+    rows = pack(data)  # lengths 12, 5, 9, 7, 4, 11, 6 (with <bos>, <eos>) into rows of 12
+    assert rows.max_len == 12 and sorted(rows.lengths) == [9, 10, 11, 12, 12]  # 12 | 11 | 9 | 7+5 | 6+4
+    found = []
+    for ids, labels, positions in rows.examples:
+        starts = [t for t, p in enumerate(positions) if p == 0] + [len(ids)]
+        assert positions == [p for a, b in zip(starts, starts[1:], strict=False) for p in range(b - a)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            found.append((ids[a:b], labels[a:b]))
+    # every example once; its first label never counts (no token predicts the next example's start)
+    want = [(ids, [IGNORE_INDEX, *labels[1:]]) for ids, labels in data.examples]
+    assert sorted(found) == sorted(want)
+    assert sum(n_targets(labels) for _, labels, _ in rows.examples) == sum(n_targets(y) for _, y in want)
+
+
+def test_collate_pads_packed_rows_with_lone_positions():
+    rows = pack(tokenize([{"text": "abc"}, {"text": "de"}, {"text": "fghij"}], TOK), max_len=9)
+    input_ids, labels, positions = collate(rows.examples)
+    assert input_ids.shape == labels.shape == positions.shape == (2, 9)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2, 3]]
 
 
 def test_sampler_covers_each_epoch_once_and_is_a_function_of_the_step():

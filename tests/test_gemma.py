@@ -388,11 +388,98 @@ def test_gradient_checkpointing_gives_the_same_loss_and_lora_grads(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Attention in query blocks, packed rows
+
+
+def dense_attention(q, k, v, window, scale, cap, seg=None):
+    """The textbook (T, T) attention: the reference for the blocked one."""
+    T, rep = q.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+    att = gemma.softcap(q @ k.transpose(-2, -1) * scale, cap)  # (B, nh, T, T)
+    mask = gemma.attention_mask(0, T, 0, T, window, q.device)
+    if seg is not None:
+        mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
+    return att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cap", [None, 2.0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_attention_equals_the_dense_reference(monkeypatch, window, cap, packed):
+    monkeypatch.setattr(gemma, "ATTN_BLOCK", 4)  # 13 queries: blocks of 4, 4, 4, 1
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 13, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    seg = torch.tensor([[1] * 6 + [2] * 7, [1] * 2 + [2] * 9 + [3] * 2]) if packed else None
+    got = gemma.attend(q, k, v, 0, 0, window, 0.3, cap, seg)
+    want = dense_attention(q, k, v, window, 0.3, cap, seg)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    dy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad(got, (q, k, v), dy), torch.autograd.grad(want, (q, k, v), dy), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class Shapes(TorchDispatchMode):
+    """The shapes of every tensor the ops produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor)]  # fmt: skip
+        return out
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_attention_never_builds_a_T_by_T_tensor_and_matches_transformers(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(gemma, "ATTN_BLOCK", 8)
+    hf, path = checkpoint(tmp_path, kind)
+    model = lora_model(path)
+    model.gradient_checkpointing = True
+    ids = ids_for(B=1, T=70)  # window 5, blocks of 8: 70 is neither's multiple
+    with Shapes() as seen:
+        model(ids, ids).backward()
+    assert (70, 70) not in {s[-2:] for s in seen.shapes}  # (T, T) scores or mask
+    with torch.no_grad(), ml.disabled(model):
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_packed_row_equals_its_examples_alone(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(gemma, "ATTN_BLOCK", 4)
+    _, path = checkpoint(tmp_path, kind)
+    model = gemma.from_pretrained(path)
+    lengths = [7, 12, 5]  # windows cut inside the examples, blocks straddle them
+    parts = [ids_for(B=1, T=n, seed=n)[0] for n in lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, 24)
+    cuts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    with torch.no_grad():
+        packed = model(torch.cat(parts)[None], positions=positions)[0]  # (24, vocab)
+        for part, a, b in zip(parts, cuts, cuts[1:], strict=False):
+            torch.testing.assert_close(packed[a:b], model(part[None])[0], atol=1e-5, rtol=0)
+            labels = torch.full((1, 24), -100)
+            labels[0, a + 1 : b] = part[1:]  # this example's loss alone, in the packed row
+            loss = model(torch.cat(parts)[None], labels, positions=positions)
+            torch.testing.assert_close(loss, model(part[None], part[None]), atol=1e-6, rtol=0)
+        parts[1] = (parts[1] + 1) % VOCAB  # another middle example: the others see no change
+        perturbed = model(torch.cat(parts)[None], positions=positions)[0]
+    assert not torch.allclose(perturbed[7:19], packed[7:19])
+    torch.testing.assert_close(perturbed[:7], packed[:7], atol=0, rtol=0)
+    torch.testing.assert_close(perturbed[19:], packed[19:], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
 # KV cache
 
 
 @pytest.mark.parametrize("kind", ["gemma1-mqa", "gemma2", "gemma3"])
-def test_kv_cache_equals_full_recompute_and_trims_sliding_layers(tmp_path, kind):
+def test_kv_cache_equals_full_recompute_and_trims_sliding_layers(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(gemma, "ATTN_BLOCK", 4)  # the prefill of 7 goes in two query blocks
     _, path = checkpoint(tmp_path, kind)
     model = gemma.from_pretrained(path)
     ids = ids_for(B=2, T=15)

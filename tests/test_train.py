@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import minilora
-from minilora.data import collate, tokenize
+from minilora.data import collate, pack, tokenize
 from minilora.gemma import IGNORE_INDEX, Gemma
 from minilora.inject import lora_layers
 from minilora.train import TrainConfig, TrainingDiverged, _read_state, evaluate, lr_at, train
@@ -118,6 +118,20 @@ def test_padding_does_not_change_an_examples_loss():
     labels[0] = IGNORE_INDEX  # only the padded row counts
     padded = model(input_ids, labels=labels)
     torch.testing.assert_close(padded, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_rows_give_the_unpacked_loss_and_train(tmp_path):
+    d = tokenize(records(24), TOK, max_len=40)  # noqa: F821
+    rows = pack(d)
+    assert len(rows) < len(d) and max(rows.lengths) <= 40
+    model = tiny_model()  # noqa: F821
+    input_ids, labels, positions = collate(rows.examples)
+    with torch.no_grad():  # the same label tokens, each seen only within its example: the same mean
+        packed = model(input_ids, labels, positions=positions)
+        torch.testing.assert_close(packed, model(*collate(d.examples)), rtol=1e-5, atol=0)
+    train(model, TOK, d, None, cfg(tmp_path, packing=True, batch_size=2, steps=8))
+    m = metrics(tmp_path / "run")
+    assert m[-1]["loss"] < 0.7 * m[0]["loss"]
 
 
 def test_evaluate_is_the_token_weighted_mean():
