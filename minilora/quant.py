@@ -208,9 +208,10 @@ class QuantState(nn.Module):
         return {**self._buffers, f"quant_state.bitsandbytes__{self.quant_type}": text}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, where="weight", packed: torch.Tensor | None = None) -> QuantState:
+    def from_tensors(cls, tensors: dict, where="weight", packed=None, shape=None) -> QuantState:
         """The inverse of tensors(), checked: the options minilora reads, every tensor the JSON implies
-        (and the packed weight, if given) of the size it implies. Raises ValueError naming the key."""
+        (and the packed weight, if given) of the size it implies, and the weight's shape (if given:
+        the layer's). Raises ValueError naming the key."""
         keys = [k for k in tensors if k.startswith("quant_state.bitsandbytes__")]
         if len(keys) != 1:
             raise ValueError(
@@ -253,6 +254,11 @@ class QuantState(nn.Module):
                 f"{tuple(meta['shape'])} weight takes {(n + 1) // 2} (two codes per byte); the tensors do "
                 "not belong together"
             )
+        if shape is not None and tuple(meta["shape"]) != tuple(shape):
+            raise ValueError(
+                f"{where}: the checkpoint's 4-bit weight is {tuple(meta['shape'])} but this layer is "
+                f"{tuple(shape)}; load it into a layer of that shape"
+            )
         return cls(meta, {name: tensors[name].reshape(-1) for name in expect})
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -287,13 +293,7 @@ def load_quant_state(module, state_dict, prefix, local_metadata, strict, missing
         return
     packed = state_dict.get(where)
     try:
-        state = QuantState.from_tensors(tensors, where, packed)
-        if state.shape != (module.out_features, module.in_features):
-            layer = (module.out_features, module.in_features)
-            raise ValueError(
-                f"{where}: the checkpoint's 4-bit weight is {tuple(state.shape)} but this layer is {layer}; "
-                "load it into a layer of that shape"
-            )
+        state = QuantState.from_tensors(tensors, where, packed, (module.out_features, module.in_features))
     except ValueError as e:
         errors.append(str(e))
         return
@@ -374,14 +374,15 @@ class Linear4bit(nn.Linear):
         return cls(packed, state, None if b is None else b.detach().clone())
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Linear4bit:
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "", shape=None) -> Linear4bit:
         """A layer from bitsandbytes' saved tensors `{prefix}weight`, `{prefix}weight.absmax`, ...,
-        `{prefix}bias` (if any): e.g. one module's keys in a transformers 4-bit checkpoint."""
+        `{prefix}bias` (if any): e.g. one module's keys in a transformers 4-bit checkpoint. `shape`:
+        the (out, in) the weight must have."""
         own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         if "weight" not in own:
             raise ValueError(f"{prefix}weight: no packed 4-bit weight among the tensors")
         quant = {k.removeprefix("weight."): v for k, v in own.items() if k.startswith("weight.")}
-        state = QuantState.from_tensors(quant, prefix + "weight", own["weight"])
+        state = QuantState.from_tensors(quant, prefix + "weight", own["weight"], shape)
         return cls(own["weight"].reshape(-1).view(torch.uint8).view(-1, 1), state, own.get("bias"))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

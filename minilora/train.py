@@ -41,6 +41,7 @@ from minilora.adapter import load_adapter, save_adapter
 from minilora.atomic import previous, replace_folder, write_files
 from minilora.data import SFTData, StepSampler, collate, n_targets
 from minilora.inject import lora_layers
+from minilora.optim import AdamW8bit
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class TrainConfig:
     beta2: float = 0.999
     # Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
+    # "adamw" (torch.optim.AdamW: float32 moments, 8 bytes per adapter parameter) or "adamw8bit"
+    # (minilora.optim.AdamW8bit: 8-bit moments, 2 bytes). "paged_adamw_8bit" (bitsandbytes' name) runs
+    # adamw8bit: paging spills GPU optimizer state to CPU memory, which an adapter's MBs never need.
+    optim: str = "adamw"
     # Autocast compute dtype: "float32" (no autocast; the CPU default), "bfloat16" or "float16"
     # (float16 adds a gradient scaler). Adapter weights stay float32 either way.
     dtype: str = "float32"
@@ -100,6 +105,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+        if self.optim in OPTIM_ALIASES:
+            log.info("optim=%r runs as %r (nothing to page: see TrainConfig.optim)", self.optim,
+                     OPTIM_ALIASES[self.optim])  # fmt: skip
+            self.optim = OPTIM_ALIASES[self.optim]
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(
+                f"TrainConfig.optim must be one of {[*OPTIMIZERS, *OPTIM_ALIASES]}, got {self.optim!r}"
+            )
         if self.dtype not in AUTOCAST:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(AUTOCAST)}, got {self.dtype!r}")
         if self.resume and self.overwrite:
@@ -107,6 +120,8 @@ class TrainConfig:
 
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit}
+OPTIM_ALIASES = {"paged_adamw_8bit": "adamw8bit"}
 # Settings that do not change the trajectory of a run, so a resume may change them (recomputing a
 # layer in backward gives the same numbers, RNG state included, hence grad_checkpointing).
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "log_every",
@@ -475,7 +490,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
     global_batch = config.batch_size * config.grad_accum * world
     sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
     total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
-    optimizer = torch.optim.AdamW(
+    optimizer = OPTIMIZERS[config.optim](
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
     scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from minilora.quant import QUANT_TYPES
+
 log = logging.getLogger(__name__)
 
 
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="4-bit base weights (QLoRA)")
     args = p.parse_args(argv)
 
     import minilora
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         from minilora.gguf import default_model_dir
 
         model_dir = default_model_dir()
-    model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device)
+    model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.adapter:
         minilora.load_adapter(model, args.adapter)
     tok = tokenizer.Tokenizer(model_dir)
