@@ -6,9 +6,12 @@ Each loader runs in a fresh subprocess. The figure is the process's peak residen
 after loading minus its resident memory after the imports, so library code is not counted; the
 ratio is to the model's size in its dtype (float32 here, as dtype="auto" gives on CPU). It is
 taken twice: right after loading, and after one forward pass of 6 tokens, because a loader that
-leaves float32 weights mapped from the file (transformers does) reads them in only when used. Two cases:
-the converted folder as it is (float32 safetensors), and a bfloat16 copy of it, the usual hub
-dtype, upcast to float32 while loading.
+leaves float32 weights mapped from the file (transformers does) reads them in only when used. Three
+cases: the converted folder as it is (float32 safetensors); a bfloat16 copy of it, the usual hub
+dtype, upcast to float32 while loading; and the float32 folder quantized to NF4 while loading
+(minilora's quantize="nf4", transformers' load_in_4bit with bitsandbytes), where the model's size is
+its quantized size (packed weights and their quantization state, embedding and norms in float32) and
+minilora's goal is that size plus one weight read in float32 before it is quantized.
 """
 
 import argparse
@@ -24,27 +27,31 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-loader, path = sys.argv[1], sys.argv[2]
+loader, path, quantize = sys.argv[1], sys.argv[2], {"nf4": "nf4", "none": None}[sys.argv[3]]
 if loader == "minilora":
     import minilora
-    load = lambda: minilora.gemma.from_pretrained(path, dtype=torch.float32)
+    load = lambda: minilora.gemma.from_pretrained(path, dtype=torch.float32, quantize=quantize)
 else:
     import transformers
-    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kw = dict(quantization_config=transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32), device_map="cpu") if quantize else {}
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
 before = status("VmRSS")
 model = load()
 peak = status("VmHWM")
 with torch.inference_mode():  # touches every weight: a lazily mapped file is read in here
     model(torch.tensor([[2, 818, 5279, 529, 7001, 563]]))
 used = status("VmHWM")
-size = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+size = sum(t.numel() * t.element_size() for t in tensors)
 print(json.dumps({"peak": peak - before, "used": used - before, "size": size}))
 """
 
 
-def measure(loader: str, path: str) -> dict:
+def measure(loader: str, path: str, quantize: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, loader, path], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, loader, path, quantize], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -73,8 +80,10 @@ def main() -> None:
     gib = 2**30
     with tempfile.TemporaryDirectory() as tmp:
         bf16_copy(path, tmp)
-        for label, folder in (("float32 file -> float32", path), ("bfloat16 file -> float32", tmp)):
-            results = {loader: measure(loader, folder) for loader in ("minilora", "transformers")}
+        cases = [("float32 file -> float32", path, "none"), ("bfloat16 file -> float32", tmp, "none")]
+        cases += [("float32 file -> NF4 linear weights (float32 compute)", path, "nf4")]
+        for label, folder, quantize in cases:
+            results = {loader: measure(loader, folder, quantize) for loader in ("minilora", "transformers")}
             size = results["minilora"]["size"]
             print(f"{label}: model {size / gib:.2f} GiB")
             for loader, r in results.items():

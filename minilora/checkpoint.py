@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from minilora.gemma import Gemma, GemmaConfig
+from minilora.inject import replace_module
+from minilora.quant import QUANT_TYPES, Linear4bit
 
 # What each model_type means: the architecture flags (not stored in config.json) and the defaults
 # transformers' config classes fill in for absent keys (hub configs rely on them, e.g. the
@@ -230,11 +232,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
 ) -> Gemma:
     """Build the Gemma model of a Hugging Face checkpoint folder (config.json + safetensors), each
     tensor read straight into `dtype` on `device` (see the module docstring). device="meta" builds
-    from config.json alone."""
+    from config.json alone. quantize="nf4" or "fp4": every linear weight becomes a 4-bit
+    minilora.quant.Linear4bit as it is read (embedding, norms and the tied head stay in `dtype`,
+    which is also the compute dtype). A folder that transformers + bitsandbytes saved in 4-bit
+    (`quantization_config` in config.json) is read as it is, never quantized again."""
     path = os.fspath(path)
     if os.path.isfile(path):
         raise NotADirectoryError(
@@ -247,12 +255,47 @@ def from_pretrained(
     hf = read_json(os.path.join(path, "config.json"))
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
+    quantize = _check_quantize(quantize, hf.get("quantization_config"), dtype, device)
     with torch.device("meta"):
         model = Gemma(config_from_hf(hf)).to(dtype)
     model.name_or_path = path
     if device.type != "meta":
-        _load_weights(model, path, hf.get("model_type") == "gemma3", dtype, device)
+        _load_weights(model, path, hf.get("model_type") == "gemma3", dtype, device, quantize)
     return model
+
+
+def _check_quantize(quantize: str | None, stored: dict | None, dtype: torch.dtype, device) -> str | None:
+    """The 4-bit type to quantize the linear weights to while reading them: `quantize`, or None when
+    the folder holds bitsandbytes 4-bit weights already (`stored`: its quantization_config)."""
+    if quantize not in (None, *QUANT_TYPES):
+        raise ValueError(
+            f"quantize={quantize!r} is not supported; use one of {', '.join(QUANT_TYPES)} or None"
+        )
+    if stored is not None:
+        method, kind = stored.get("quant_method"), stored.get("bnb_4bit_quant_type", "nf4")
+        problem = (
+            f"quant_method {method!r}" if method != "bitsandbytes"
+            else "8-bit weights (load_in_8bit, LLM.int8)" if stored.get("load_in_8bit")
+            else f"bnb_4bit_quant_type {kind!r}" if kind not in QUANT_TYPES
+            else f"{kind} weights, but quantize={quantize!r} asks for others" if quantize not in (None, kind)
+            else None
+        )  # fmt: skip
+        if problem:
+            raise ValueError(
+                f"this checkpoint's quantization_config has {problem}; minilora reads the 4-bit "
+                f"checkpoints of bitsandbytes ({', '.join(QUANT_TYPES)}) as they are (quantize=None), and "
+                "quantizes float checkpoints itself (quantize='nf4')"
+            )
+    if (quantize or stored) and (
+        dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or (device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported())
+    ):
+        raise ValueError(
+            f"4-bit weights are dequantized to the compute dtype: float32, bfloat16 or float16, as the "
+            f"device supports it; got {dtype} on {device.type}. Pass dtype=torch.float32 (or "
+            "torch.float16 on a GPU without bfloat16)"
+        )
+    return None if stored else quantize
 
 
 # Multimodal Gemma 3 checkpoints hold the language model under another prefix, next to the vision
@@ -262,8 +305,10 @@ _RENAMES = (("language_model.model.", "model."), ("model.language_model.", "mode
 _SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype, device) -> None:
-    """Read every tensor of the checkpoint into `model` (built on meta), strictly."""
+def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype, device, quantize) -> None:
+    """Read every tensor of the checkpoint into `model` (built on meta), strictly. Linear weights are
+    quantized as they arrive (`quantize`), or arrive in 4-bit: `<module>.weight` (packed) and the
+    `<module>.weight.*` tensors of its quantization state (bitsandbytes' names)."""
     names: dict[str, tuple[str, str]] = {}  # our name -> (stored name, file)
     for stored, file in _weight_files(path).items():
         name = stored
@@ -274,6 +319,10 @@ def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype,
         names[name] = (stored, file)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     expected["lm_head.weight"] = expected["model.embed_tokens.weight"]  # tied: checked, not loaded
+    packed = {n.partition(".weight.")[0] for n in names if ".weight.quant_state." in n}
+    packed &= {n.removesuffix(".weight") for n in expected}
+    # a 4-bit weight's parts: None = read as stored; Linear4bit.from_state_dict checks them
+    expected.update({n: None for n in names if n.partition(".weight")[0] in packed})
     missing = sorted(set(expected) - set(names) - {"lm_head.weight"})
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
@@ -282,29 +331,22 @@ def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype,
             f"  missing tensors ({len(missing)}): {missing[:20]}\n"
             f"  unexpected tensors ({len(unexpected)}): {unexpected[:20]}"
         )
-    by_file: dict[str, list[str]] = {}
-    for name, (_, file) in names.items():
-        by_file.setdefault(file, []).append(name)
-    head = None
-    for file, group in by_file.items():
-        header, data_start = _safetensors_header(file)
-        with open(file, "rb", buffering=0) as f:
-            for name in group:
-                stored = names[name][0]
-                if stored not in header:
-                    raise ValueError(f"{file} does not contain {stored}, which the index maps to it")
-                if tuple(header[stored]["shape"]) != expected[name]:
-                    raise ValueError(
-                        f"{stored}: checkpoint shape {tuple(header[stored]['shape'])}, "
-                        f"model expects {expected[name]}"
-                    )
-                tensor = _read_tensor(f, data_start, header[stored], stored, dtype, device)
-                _check_finite(tensor, stored, file)
-                if name == "lm_head.weight":
-                    head = tensor
-                    continue
-                module_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+    head, parts = None, {module: {} for module in packed}
+    for name, tensor in _read_tensors(names, expected, dtype, device):
+        module_name, _, leaf = name.rpartition(".")
+        if expected[name] is None:
+            parts[name.partition(".weight")[0]][name] = tensor
+        elif name == "lm_head.weight":
+            head = tensor
+        elif quantize and leaf == "weight" and isinstance(model.get_submodule(module_name), nn.Linear):
+            replace_module(model, module_name, Linear4bit.from_linear(tensor, quantize))
+        else:
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+        del tensor  # one dense tensor in memory at a time
+    for module_name, tensors in parts.items():
+        shape = model.get_submodule(module_name).weight.shape
+        layer = Linear4bit.from_state_dict(tensors, prefix=module_name + ".", shape=shape)
+        replace_module(model, module_name, layer.to(dtype))  # the compute dtype; the codes stay
     if head is not None and not torch.equal(head, model.model.embed_tokens.weight):
         raise ValueError(
             f"{names['lm_head.weight'][0]} differs from model.embed_tokens.weight; minilora's Gemma "
@@ -317,6 +359,31 @@ def _check_finite(t: torch.Tensor, name: str, file: str) -> None:
     # for the sum itself to overflow); no temporary of t's size.
     if not math.isfinite(t.sum(dtype=torch.float32)):
         raise ValueError(f"{file}: tensor {name} holds NaN or infinite values; re-download the checkpoint")
+
+
+def _read_tensors(names: dict[str, tuple[str, str]], expected: dict, dtype: torch.dtype, device):
+    """(name, tensor) for every name, file by file, in `dtype` (or as stored where the expected shape
+    is None), each checked against its expected shape first."""
+    by_file: dict[str, list[str]] = {}
+    for name, (_, file) in names.items():
+        by_file.setdefault(file, []).append(name)
+    for file, group in by_file.items():
+        header, data_start = _safetensors_header(file)
+        with open(file, "rb", buffering=0) as f:
+            for name in group:
+                stored, shape = names[name][0], expected[name]
+                if stored not in header:
+                    raise ValueError(f"{file} does not contain {stored}, which the index maps to it")
+                if shape is not None and tuple(header[stored]["shape"]) != shape:
+                    raise ValueError(
+                        f"{stored}: checkpoint shape {tuple(header[stored]['shape'])}, model expects {shape}"
+                    )
+                tensor = _read_tensor(
+                    f, data_start, header[stored], stored, None if shape is None else dtype, device
+                )
+                if tensor.is_floating_point():
+                    _check_finite(tensor, stored, file)
+                yield name, tensor
 
 
 def _weight_files(path: str) -> dict[str, str]:
@@ -347,8 +414,9 @@ def _weight_files(path: str) -> dict[str, str]:
     )
 
 
-# safetensors' dtype names -> torch dtypes (the checkpoints use BF16, F16 or F32).
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors' dtype names -> torch dtypes (the checkpoints use BF16, F16 or F32; 4-bit ones U8 too).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "U8": torch.uint8}  # fmt: skip
 _CHUNK_BYTES = 16 << 20  # conversion buffer when the stored dtype differs from the target
 
 
@@ -394,13 +462,16 @@ def _naturals(x) -> bool:
     return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
-def _read_tensor(f, data_start: int, entry: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+def _read_tensor(
+    f, data_start: int, entry: dict, name: str, dtype: torch.dtype | None, device
+) -> torch.Tensor:
     """Read one tensor from an open safetensors file straight into a new (shape, dtype, device)
-    tensor. With plain reads (no mmap) only the result is resident: a mapped file's touched pages
-    would count toward RSS and double the loading peak."""
+    tensor (dtype None: as stored). With plain reads (no mmap) only the result is resident: a mapped
+    file's touched pages would count toward RSS and double the loading peak."""
     stored = _ST_DTYPES.get(entry["dtype"])
-    if stored is None:
+    if stored is None or (dtype is not None and not stored.is_floating_point):
         raise ValueError(f"{name}: stored dtype {entry['dtype']} is not a floating type minilora loads")
+    dtype = dtype or stored
     shape, (begin, end) = entry["shape"], entry["data_offsets"]
     numel = math.prod(shape)
     if end - begin != numel * stored.itemsize:

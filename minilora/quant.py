@@ -34,6 +34,7 @@ from torch import nn
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes reads
+_CHUNK = 1 << 20  # values quantized at a time: whole blocks of every size, an even count
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -111,13 +112,31 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
 # ----------------------------------------------------------------------------------------------------
 def quantize_4bit(w: torch.Tensor, quant_type="nf4", *, blocksize=64, double_quant=True):
     """w (float32/bf16/fp16, any shape) -> (packed uint8 (ceil(n / 2), 1), QuantState), bit-exact with
-    bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type)."""
+    bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type).
+    Runs over chunks of 2^20 values, so its scratch memory stays ~30 MB whatever the weight's size."""
     code = code_4bit(quant_type, w.device)
     if w.dtype not in _DTYPES.values():
         raise TypeError(f"quantize_4bit takes float32, bfloat16 or float16 weights, got {w.dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    n, blocks = w.numel(), _blocks(w, blocksize)
+    flat = w.reshape(-1)
+    chunks = [
+        _quantize_4bit_chunk(flat[i : i + _CHUNK], code, blocksize) for i in range(0, w.numel(), _CHUNK)
+    ]
+    packed, absmax = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    meta = dict(quant_type=quant_type, blocksize=blocksize, dtype=str(w.dtype)[6:], shape=list(w.shape))
+    tensors = dict(absmax=absmax, quant_map=code.clone())
+    if double_quant:
+        offset = absmax.mean()
+        tensors["absmax"], tensors["nested_absmax"] = quantize_8bit(absmax - offset, signed=True)
+        tensors["nested_quant_map"] = dynamic_map(True, w.device).clone()
+        meta.update(nested_blocksize=256, nested_dtype="float32", nested_offset=offset.item())
+    return packed.unsqueeze(1), QuantState(meta, tensors)
+
+
+def _quantize_4bit_chunk(x: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """x (flat; whole blocks but for the weight's last chunk) -> (packed uint8, float32 absmax)."""
+    n, blocks = x.numel(), _blocks(x, blocksize)
     absmax = blocks.abs().amax(1)
     # bnb scales full blocks by x * (1 / absmax) and a last partial one by x / absmax (not always the
     # same float), and stores the absmax of a full block of zeros as 0, of a partial one as 1e-38
@@ -130,14 +149,7 @@ def quantize_4bit(w: torch.Tensor, quant_type="nf4", *, blocksize=64, double_qua
     # FP4's +0 and -0 sort in table order: 0 -> +0 and (0, 0.0026] -> -0, as in bnb
     order = torch.argsort(code, stable=True)
     q = order[torch.bucketize(scaled, (code[order[:-1]] + code[order[1:]]) / 2)].to(torch.uint8)
-    meta = dict(quant_type=quant_type, blocksize=blocksize, dtype=str(w.dtype)[6:], shape=list(w.shape))
-    tensors = dict(absmax=absmax, quant_map=code.clone())
-    if double_quant:
-        offset = absmax.mean()
-        tensors["absmax"], tensors["nested_absmax"] = quantize_8bit(absmax - offset, signed=True)
-        tensors["nested_quant_map"] = dynamic_map(True, w.device).clone()
-        meta.update(nested_blocksize=256, nested_dtype="float32", nested_offset=offset.item())
-    return (q[0::2] << 4 | q[1::2]).unsqueeze(1), QuantState(meta, tensors)
+    return q[0::2] << 4 | q[1::2], absmax
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None):
@@ -180,9 +192,15 @@ class QuantState(nn.Module):
 
             out = torch.empty(self.shape, dtype=dtype, device=packed.device) if out is None else out
             return dequantize_4bit_triton(packed, self, out)
-        codes = torch.stack((packed.view(-1) >> 4, packed.view(-1) & 15), 1).view(-1)[: self.shape.numel()]
-        w = dequantize_8bit(codes, self.absmax_float32(), self.quant_map, self.blocksize).view(self.shape)
-        return w.to(dtype)  # float64 (gradcheck): exact from float32
+        # each byte -> its two float32 codes in one gather from a 256-entry table (of int64: 8 bytes a
+        # row); then each whole block times its absmax, in place; ~4x fewer passes than nibble by nibble
+        n, bs, absmax = self.shape.numel(), self.blocksize, self.absmax_float32()
+        pairs = torch.stack((self.quant_map.repeat_interleave(16), self.quant_map.repeat(16)), 1)  # (256, 2)
+        w = pairs.view(torch.int64).view(-1).index_select(0, packed.view(-1).int()).view(torch.float32)[:n]
+        full = n - n % bs
+        w[:full].view(-1, bs).mul_(absmax[: full // bs, None])
+        w[full:].mul_(absmax[full // bs :])  # a last partial block
+        return w.view(self.shape).to(dtype)  # float64 (gradcheck): exact from float32
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """bitsandbytes' saved tensors, keyed by their names after `weight.`."""
@@ -190,9 +208,10 @@ class QuantState(nn.Module):
         return {**self._buffers, f"quant_state.bitsandbytes__{self.quant_type}": text}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, where="weight", packed: torch.Tensor | None = None) -> QuantState:
+    def from_tensors(cls, tensors: dict, where="weight", packed=None, shape=None) -> QuantState:
         """The inverse of tensors(), checked: the options minilora reads, every tensor the JSON implies
-        (and the packed weight, if given) of the size it implies. Raises ValueError naming the key."""
+        (and the packed weight, if given) of the size it implies, and the weight's shape (if given:
+        the layer's). Raises ValueError naming the key."""
         keys = [k for k in tensors if k.startswith("quant_state.bitsandbytes__")]
         if len(keys) != 1:
             raise ValueError(
@@ -235,6 +254,11 @@ class QuantState(nn.Module):
                 f"{tuple(meta['shape'])} weight takes {(n + 1) // 2} (two codes per byte); the tensors do "
                 "not belong together"
             )
+        if shape is not None and tuple(meta["shape"]) != tuple(shape):
+            raise ValueError(
+                f"{where}: the checkpoint's 4-bit weight is {tuple(meta['shape'])} but this layer is "
+                f"{tuple(shape)}; load it into a layer of that shape"
+            )
         return cls(meta, {name: tensors[name].reshape(-1) for name in expect})
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -269,13 +293,7 @@ def load_quant_state(module, state_dict, prefix, local_metadata, strict, missing
         return
     packed = state_dict.get(where)
     try:
-        state = QuantState.from_tensors(tensors, where, packed)
-        if state.shape != (module.out_features, module.in_features):
-            layer = (module.out_features, module.in_features)
-            raise ValueError(
-                f"{where}: the checkpoint's 4-bit weight is {tuple(state.shape)} but this layer is {layer}; "
-                "load it into a layer of that shape"
-            )
+        state = QuantState.from_tensors(tensors, where, packed, (module.out_features, module.in_features))
     except ValueError as e:
         errors.append(str(e))
         return
@@ -356,14 +374,15 @@ class Linear4bit(nn.Linear):
         return cls(packed, state, None if b is None else b.detach().clone())
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Linear4bit:
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "", shape=None) -> Linear4bit:
         """A layer from bitsandbytes' saved tensors `{prefix}weight`, `{prefix}weight.absmax`, ...,
-        `{prefix}bias` (if any): e.g. one module's keys in a transformers 4-bit checkpoint."""
+        `{prefix}bias` (if any): e.g. one module's keys in a transformers 4-bit checkpoint. `shape`:
+        the (out, in) the weight must have."""
         own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         if "weight" not in own:
             raise ValueError(f"{prefix}weight: no packed 4-bit weight among the tensors")
         quant = {k.removeprefix("weight."): v for k, v in own.items() if k.startswith("weight.")}
-        state = QuantState.from_tensors(quant, prefix + "weight", own["weight"])
+        state = QuantState.from_tensors(quant, prefix + "weight", own["weight"], shape)
         return cls(own["weight"].reshape(-1).view(torch.uint8).view(-1, 1), state, own.get("bias"))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

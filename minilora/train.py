@@ -51,6 +51,7 @@ from minilora.atomic import fsync_dir, previous, remove_temporaries, replace_fol
 from minilora.checkpoint import json_loads, read_json
 from minilora.data import SFTData, StepSampler, collate, n_targets, pack
 from minilora.inject import lora_layers
+from minilora.optim import AdamW8bit
 
 try:
     import fcntl
@@ -85,6 +86,10 @@ class TrainConfig:
     beta2: float = 0.999
     # Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
+    # "adamw" (torch.optim.AdamW: float32 moments, 8 bytes per adapter parameter) or "adamw8bit"
+    # (minilora.optim.AdamW8bit: 8-bit moments, 2 bytes). "paged_adamw_8bit" (bitsandbytes' name) runs
+    # adamw8bit: paging spills GPU optimizer state to CPU memory, which an adapter's MBs never need.
+    optim: str = "adamw"
     # Autocast compute dtype: "float32" (no autocast; the CPU default), "bfloat16" or "float16"
     # (float16 adds a gradient scaler). Adapter weights stay float32 either way.
     dtype: str = "float32"
@@ -121,6 +126,14 @@ class TrainConfig:
                 finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 if not (finite and test(v)) and not (v is None and name in ("steps", "epochs")):
                     raise ValueError(f"TrainConfig.{name} must be {valid}, got {v!r}")
+        if self.optim in OPTIM_ALIASES:
+            log.info("optim=%r runs as %r (nothing to page: see TrainConfig.optim)", self.optim,
+                     OPTIM_ALIASES[self.optim])  # fmt: skip
+            self.optim = OPTIM_ALIASES[self.optim]
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(
+                f"TrainConfig.optim must be one of {[*OPTIMIZERS, *OPTIM_ALIASES]}, got {self.optim!r}"
+            )
         if self.dtype not in AUTOCAST:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(AUTOCAST)}, got {self.dtype!r}")
         if self.resume and self.overwrite:
@@ -138,6 +151,8 @@ _VALID = [
     ("in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio beta1 beta2"),
 ]  # fmt: skip
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit}
+OPTIM_ALIASES = {"paged_adamw_8bit": "adamw8bit"}
 # Settings that do not change the trajectory of a run, so a resume may change them (recomputing a
 # layer in backward gives the same numbers, RNG state included, hence grad_checkpointing).
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "save_every_minutes",
@@ -710,7 +725,7 @@ def _train(model, tok, train_data, eval_data, config, callback, stop: list[int])
 
 
 def _setup(model: nn.Module, train_data: SFTData, config: TrainConfig):
-    """(AdamW over the adapter, the float16 grad scaler or None, the rows trained on (the examples, or
+    """(the optimizer over the adapter, the float16 grad scaler or None, the rows trained on (the examples, or
     them packed), the step sampler, the step count)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not any(True for _ in lora_layers(model)):
@@ -722,7 +737,7 @@ def _setup(model: nn.Module, train_data: SFTData, config: TrainConfig):
     rows = pack(train_data) if config.packing else train_data
     sampler = StepSampler(rows.lengths, global_batch, config.seed, config.group_by_length)
     total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
-    optimizer = torch.optim.AdamW(
+    optimizer = OPTIMIZERS[config.optim](
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
     scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from minilora.quant import QUANT_TYPES
+
 log = logging.getLogger(__name__)
 
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, not in the adapter's format")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="4-bit base weights (QLoRA)")
     args = p.parse_args(argv)
 
     import minilora
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         from minilora.gguf import default_model_dir
 
         model_dir = default_model_dir()
-    model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device)
+    model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tok = tokenizer.Tokenizer(model_dir)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     if args.adapter:
