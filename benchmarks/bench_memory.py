@@ -21,9 +21,9 @@ Terms of the predicted peak, in bytes:
   dimensions, done exactly: on the real Gemma 3 270M (real tensors, CPU, float32) the same count is
   taken from the real kernels and must equal the meta count of its config (checked below, unless
   --skip-real), and a real training step's measured peak is printed next to the prediction.
-- transient: at the start of backward, two float32 (tokens, vocab) gradients next to the saved
-  log-probabilities (the gradient of nll_loss and of log_softmax), and one dequantized weight (the
-  largest) in the compute dtype.
+- transient: one chunk of minilora.loss's output head (two float32 (rows, vocab) tensors, at most
+  CHUNK_BYTES; the full logits never exist), and one dequantized weight (the largest) in the compute
+  dtype.
 Not counted: the CUDA context and the allocator's slack (a few hundred MB; 1 GiB is reserved for
 them below) and the KV/rope caches (small).
 """
@@ -44,6 +44,7 @@ import minilora as ml
 from minilora import gemma as gemma_module
 from minilora.checkpoint import config_from_hf
 from minilora.gemma import Gemma
+from minilora.loss import CHUNK_BYTES
 from minilora.quant import Linear4bit
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "configs"
@@ -110,17 +111,28 @@ def saved_tensors(model: nn.Module, meta: bool):
     def flash(q, k, v, mask=None, is_causal=False, scale=None, enable_gqa=False):  # what flash keeps
         out = q * 1.0  # (B, nh, T, hd); saves nothing itself
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        records.extend((layer[0], t) for t in (q, k, v, out, lse))
+        # k, v: views of the shared key/value heads where expanding needs no copy (as pack records them)
+        records.extend((layer[0], t if t._base is None else t._base) for t in (q, k, v, out, lse))
+        if mask is not None:  # a boolean mask is kept as an additive one in q's dtype
+            records.append((layer[0], torch.empty(mask.shape, dtype=q.dtype, device=q.device)))
         return out
+
+    def fused_ce(h, weight, targets, softcap=None):  # what minilora.loss keeps: dh (labelled rows, d)
+        labelled = targets.numel()  # every position labelled
+        records.append((None, torch.empty(labelled, h.shape[-1], dtype=h.dtype, device=h.device)))
+        records.append((None, torch.empty(targets.shape, dtype=torch.bool, device=h.device)))  # h[labelled]
+        return h.sum() * 0.0
 
     hooks = [m.register_forward_pre_hook(lambda _, __, i=i: layer.__setitem__(0, i))
              for i, m in enumerate(model.model.layers)]  # fmt: skip
     hooks.append(model.model.norm.register_forward_pre_hook(lambda *_: layer.__setitem__(0, None)))
-    patch = (
-        mock.patch.object(gemma_module.F, "scaled_dot_product_attention", flash) if meta else nullcontext()
-    )
+    patches = (
+        (mock.patch.object(gemma_module.F, "scaled_dot_product_attention", flash),
+         mock.patch.object(gemma_module, "linear_cross_entropy", fused_ce))
+        if meta else (nullcontext(), nullcontext())
+    )  # fmt: skip
     try:
-        with patch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with patches[0], patches[1], torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield records
     finally:
         for h in hooks:
@@ -133,8 +145,7 @@ def activation_bytes(model: Gemma, seq: int, meta: bool) -> tuple[list[int], int
     device = "meta" if meta else "cpu"
     ids = torch.zeros(1, seq, dtype=torch.long, device=device)
     with saved_tensors(model, meta) as records:
-        logits = model(ids)  # (1, seq, vocab): the head at every position, as with all labelled
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+        model(ids, labels=ids)  # the training loss, every position labelled (minilora.loss)
     unique, per_layer, rest = {}, [0] * len(model.model.layers), 0
     for layer, t in records:
         key = id(t) if meta else t.untyped_storage().data_ptr()
@@ -181,9 +192,8 @@ def predict(model: Gemma, seq: int, checkpointing: bool, meta=True) -> dict:
         adamw=optimizer_bytes(adapter, False),
         adamw8bit=optimizer_bytes(adapter, True),
         activations=acts,
-        transient=seq * vocab * 8 + max(math.prod(s) for s in linear) * elem,
+        transient=min(seq * vocab * 8, CHUNK_BYTES) + max(math.prod(s) for s in linear) * elem,
         trainable=sum(p.numel() for p in adapter),
-        vocab=vocab,
     )
 
 
@@ -251,11 +261,10 @@ def real_270m(seq: int) -> None:
             opt.zero_grad(set_to_none=True)
         p = predict(model, seq, ckpt, meta=False)
         predicted = p["adapter"] // 2 + p["activations"] + p["transient"]  # gradients: the parameters exist
-        peak, logit = vm("VmHWM") - before, seq * p["vocab"] * 4
+        peak = vm("VmHWM") - before
+        acts = p["activations"]
         print(f"real 270M step, checkpointing {ckpt}: peak over the resident model {peak / 1e6:.0f} MB; "
-              f"predicted {predicted / 1e6:.0f} MB (activations {p['activations'] / 1e6:.0f} MB), of which "
-              f"one (tokens, vocab) float32 gradient ({logit / 1e6:.0f} MB) is calloc'ed zeros that nll_loss "
-              "barely writes: on the CPU mostly not resident, on a GPU allocated")  # fmt: skip
+              f"predicted {predicted / 1e6:.0f} MB (activations {acts / 1e6:.0f} MB)")  # fmt: skip
 
 
 def main() -> None:
