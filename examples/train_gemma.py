@@ -35,6 +35,7 @@ import torch.distributed as dist
 import minilora
 from minilora.atomic import write_files
 from minilora.checkpoint import from_pretrained, read_json, resolve_dtype
+from minilora.cpu import auto_dtype_reason
 from minilora.data import FORMATS, load_dataset, load_split, prompt_and_target, template_fields
 from minilora.quant import QUANT_TYPES
 from minilora.tokenizer import Tokenizer
@@ -98,8 +99,10 @@ def parse_args(argv=None):
         "--packing", action="store_true", help="concatenate examples into rows of --max-len (batch = rows)"
     )
     p.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16, float16"
-    )
+        "--dtype", default="auto",
+        help="auto (a GPU: bf16; a CPU: bf16 base weights where it has fast bf16 (AMX, AVX-512-BF16), "
+        "float32 elsewhere; adapters stay float32), float32, bfloat16, float16",
+    )  # fmt: skip
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
         "--quantize", choices=QUANT_TYPES, default=None,
@@ -270,6 +273,8 @@ def load(args, dtype, device, say):
         train_data, eval_data = load_split(args.data, tok, args.holdout, seed=args.seed, **kw)
         say(f"held out: {0 if eval_data is None else len(eval_data)} of the records of {args.data} "
             f"(--holdout {args.holdout:g}; --eval-data FILE to use another file)")  # fmt: skip
+    if args.dtype == "auto":
+        say(f"dtype {str(dtype).removeprefix('torch.')} ({auto_dtype_reason(device)}; --dtype overrides)")
     model = from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     say(f"model {args.model} ({dtype}{', 4-bit ' + args.quantize if args.quantize else ''}, {device}, "
         f"{_world()} process(es))")  # fmt: skip

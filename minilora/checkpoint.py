@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from minilora import cpu
 from minilora.gemma import Gemma, GemmaConfig
 from minilora.inject import replace_module
 from minilora.quant import QUANT_TYPES, Linear4bit
@@ -211,13 +212,17 @@ def _gelu_approximate(model_type: str, hf: dict) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": bf16 on a CUDA GPU that supports it, float32 elsewhere (CPUs here have no fast
-    bf16; fp16 overflows Gemma's activations). float16 on a CPU is allowed, with a warning."""
+    """ "auto": bf16 on a CUDA GPU that supports it; on a CPU, bf16 where it has fast bf16 matrix
+    instructions (minilora.cpu.fast_bf16: AMX or AVX-512-BF16, confirmed by a micro-benchmark),
+    float32 elsewhere (fp16 overflows Gemma's activations). float16 on a CPU is allowed, with a
+    warning."""
     named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
     if dtype == "auto":
         gpu_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if gpu_bf16 else torch.float32
+        if torch.device(device).type == "cpu" and cpu.fast_bf16()[0]:
+            dtype = torch.bfloat16
     elif not isinstance(dtype, torch.dtype):
         if dtype not in named:
             raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")

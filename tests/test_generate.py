@@ -177,7 +177,9 @@ def test_command_line(checkpoints, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ml.tokenizer, "Tokenizer", lambda _: tok)
     main(["--model", str(path), "--max-new-tokens", "5", "Hello"])
     model = gemma.from_pretrained(path)
-    assert capsys.readouterr().out == ml.generate(model, tok, "Hello", max_new_tokens=5) + "\n"
+    printed = capsys.readouterr()
+    assert printed.out == ml.generate(model, tok, "Hello", max_new_tokens=5) + "\n"
+    assert printed.err.startswith("dtype float32 (auto on the CPU: ")  # the choice, once, not on stdout
 
     ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     with torch.no_grad():

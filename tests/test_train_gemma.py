@@ -261,6 +261,7 @@ def test_user_data_holds_out_a_slice_of_itself(setup, tmp_path, capsys):
     assert f"held out: 6 of the records of {tmp_path / 'mine.json'} (--holdout 0.25" in out
     assert "eval:  6 examples (prompt_completion)" in out and "train: 18 examples" in out
     assert "LoRA r=8 alpha=16 on 4 modules" in out
+    assert out.count("dtype float32 (auto on the CPU: ") == 1  # the choice, once, with its reason
     assert "eval_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 

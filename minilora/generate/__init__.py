@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, not in the adapter's format")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16")
+    p.add_argument(
+        "--dtype", default="auto",
+        help="auto (bf16 on a GPU and on a CPU with fast bf16 (AMX, AVX-512-BF16), float32 elsewhere), "
+        "float32, bfloat16",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=QUANT_TYPES, default=None, help="4-bit base weights (QLoRA)")
     args = p.parse_args(argv)
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         from minilora.gguf import default_model_dir
 
         model_dir = default_model_dir()
+    if args.dtype == "auto":  # the choice, once, on stderr (stdout is the generated text)
+        from minilora.checkpoint import resolve_dtype
+        from minilora.cpu import auto_dtype_reason
+
+        dtype = str(resolve_dtype("auto", torch.device(args.device))).removeprefix("torch.")
+        sys.stderr.write(f"dtype {dtype} ({auto_dtype_reason(args.device)}; --dtype overrides)\n")
     model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tok = tokenizer.Tokenizer(model_dir)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
