@@ -21,9 +21,8 @@ Terms of the predicted peak, in bytes:
   dimensions, done exactly: on the real Gemma 3 270M (real tensors, CPU, float32) the same count is
   taken from the real kernels and must equal the meta count of its config (checked below, unless
   --skip-real), and a real training step's measured peak is printed next to the prediction.
-- transient: one chunk of minilora.loss's output head (two float32 (rows, vocab) tensors, at most
-  CHUNK_BYTES; the full logits never exist), and one dequantized weight (the largest) in the compute
-  dtype.
+- transient: one chunk of minilora.loss's output head (loss_chunk_bytes; the full logits never
+  exist), and one dequantized weight (the largest) in the compute dtype.
 Not counted: the CUDA context and the allocator's slack (a few hundred MB; 1 GiB is reserved for
 them below) and the KV/rope caches (small).
 """
@@ -31,6 +30,7 @@ them below) and the KV/rope caches (small).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 from contextlib import contextmanager, nullcontext
@@ -179,7 +179,7 @@ def predict(model: Gemma, seq: int, checkpointing: bool, meta=True) -> dict:
     dense = sum(p.numel() for p in params if not p.requires_grad)
     elem = model.model.embed_tokens.weight.element_size()
     per_layer, rest = activation_bytes(model, seq, meta)
-    d, vocab = model.config.hidden_size, model.config.vocab_size
+    d = model.config.hidden_size
     if checkpointing:  # each layer's input kept, one layer recomputed at a time
         acts = len(per_layer) * seq * d * elem + max(per_layer) + rest
     else:
@@ -192,9 +192,17 @@ def predict(model: Gemma, seq: int, checkpointing: bool, meta=True) -> dict:
         adamw=optimizer_bytes(adapter, False),
         adamw8bit=optimizer_bytes(adapter, True),
         activations=acts,
-        transient=min(seq * vocab * 8, CHUNK_BYTES) + max(math.prod(s) for s in linear) * elem,
+        transient=loss_chunk_bytes(model, seq, elem) + max(math.prod(s) for s in linear) * elem,
         trainable=sum(p.numel() for p in adapter),
     )
+
+
+def loss_chunk_bytes(model: Gemma, seq: int, elem: int) -> int:
+    """One chunk of minilora.loss: its float32 (rows, vocab) logits (softmax and gradient in place),
+    the soft-cap's slope next to them, and the gradient cast to a 16-bit compute dtype."""
+    vocab, cap = model.config.vocab_size, model.config.final_logit_softcapping
+    rows = min(seq, max(1, CHUNK_BYTES // (8 * vocab)))  # minilora.loss's chunk size
+    return rows * vocab * (4 * (2 if cap else 1) + (elem if elem < 4 else 0))
 
 
 def table(seq: int) -> None:
@@ -248,6 +256,9 @@ def real_270m(seq: int) -> None:
           f"the layers {real[1] / seq / 1e3:.1f} kB/token; the meta count: {counted[0][0] / seq / 1e3:.1f} "
           f"and {counted[1] / seq / 1e3:.1f}")  # fmt: skip
     assert real == counted, "the meta count differs from the real kernels' saved tensors"
+    # A fixed mmap threshold: glibc's moving one would keep the first step's freed blocks resident
+    # (VmRSS before the second step would include them, and its peak over it would read too low).
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: 128 kB, never raised
     opt = ml.AdamW8bit([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(10, 200_000, (1, seq), generator=torch.Generator().manual_seed(0))
     for ckpt in (False, True):
