@@ -181,8 +181,13 @@ def from_pretrained(
 ) -> Gemma:
     """Build the Gemma model of a Hugging Face checkpoint folder (config.json + safetensors), each
     tensor read straight into `dtype` on `device` (see the module docstring). device="meta" builds
-    from config.json alone."""
+    from config.json alone. A `.gguf` file (llama.cpp's) keeps its quantized weights packed
+    (minilora.gguf.load_model)."""
     path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from minilora.gguf import load_model
+
+        return load_model(path, dtype, device)
     if os.path.isfile(path):
         raise NotADirectoryError(
             f"{path!r} is a file; pass the checkpoint folder that holds config.json and the weights"

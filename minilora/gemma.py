@@ -342,7 +342,8 @@ class Gemma(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""
-        logits = F.linear(h, self.model.embed_tokens.weight).float()  # (..., vocab)
+        emb = self.model.embed_tokens  # an nn.Embedding, or a packed GGUF one (dequantized per chunk)
+        logits = (F.linear(h, emb.weight) if isinstance(emb, nn.Embedding) else emb.head(h)).float()
         return softcap(logits, self.config.final_logit_softcapping)
 
 
