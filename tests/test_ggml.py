@@ -102,7 +102,7 @@ def test_lora_over_packed_linear_is_the_equation_and_keeps_its_state_dict():
 
 
 def test_packed_embedding_lookup_and_tied_head_in_chunks(monkeypatch):
-    monkeypatch.setattr(ggml, "HEAD_ROWS", 7)  # 30 rows: chunks of 7, 7, 7, 7, 2
+    monkeypatch.setattr(ggml, "HEAD_VALUES", 7 * 64)  # 30 rows: chunks of 7, 7, 7, 7, 2
     packed = torch.from_numpy(random_packed(8, 30, 2, extremes=False))
     emb = Embedding(packed, BlockState(8, (30, 64)))
     W = emb.dequantize()
