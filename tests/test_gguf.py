@@ -439,6 +439,7 @@ def test_packed_model_equals_the_converted_folder(typed, trained):
     assert isinstance(packed.model.layers[0].self_attn.q_proj.quant_state, BlockState)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     assert size(packed) < 0.5 * size(dense)
+    assert minilora.count_parameters(packed) == minilora.count_parameters(dense)  # values, not bytes
     with torch.no_grad():
         torch.testing.assert_close(packed(ids), dense(ids), rtol=1e-5, atol=1e-5)
     tok = minilora.Tokenizer(typed[0])
@@ -705,6 +706,7 @@ def test_real_packed_model_equals_the_converted_folder(real_packed, real_dir):
     dense = minilora.gemma.from_pretrained(real_dir, dtype=torch.float32)
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     assert size(packed) < 0.3 * size(dense)
+    assert minilora.count_parameters(packed)[1] == 268_098_176  # DESIGN.md §5: values, not bytes
     tok = minilora.Tokenizer(real_dir)
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
