@@ -1,7 +1,8 @@
 """Fine-tune Gemma with LoRA on a JSON-lines dataset; report held-out loss and exact match before/after.
 
-With no arguments: the real Gemma 3 270M (minilora.gguf.default_model_dir()) learns the bundled
-task in examples/data/ (ISO date -> "the 10th of February, 1987"; see make_data.py), float32 on CPU.
+With no arguments: the real Gemma 3 270M learns the bundled task in examples/data/ (ISO date -> "the
+10th of February, 1987"; see make_data.py), float32 on CPU, on the very weights llama.cpp serves: its
+Q4_K_M GGUF file (minilora.gguf.default_gguf()), read as it is and dequantized layer by layer.
 
     python examples/train_gemma.py
     python examples/train_gemma.py --data my.jsonl --eval-data my_eval.jsonl --steps 200 --out runs/mine
@@ -10,7 +11,8 @@ task in examples/data/ (ISO date -> "the 10th of February, 1987"; see make_data.
     python examples/train_gemma.py --resume                                # continue an interrupted run
 
 Files in --out: metrics.jsonl (one line per logged step), checkpoint/ (resumable), adapter/ (peft's
-format: PeftModel.from_pretrained(transformers_model, "runs/train_gemma/adapter") loads it).
+format: PeftModel.from_pretrained(transformers_model, "runs/train_gemma/adapter") loads it) and, for a
+.gguf model, adapter.gguf (llama.cpp's LoRA format: llama-server -m MODEL.gguf --lora adapter.gguf).
 """
 
 import argparse
@@ -32,7 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--model", default=None, help="Hugging Face style Gemma folder (default: the real Gemma 3 270M)"
+        "--model",
+        default=None,
+        help="a Gemma 3 .gguf file (kept quantized) or a Hugging Face style Gemma folder "
+        "(default: the real Gemma 3 270M's Q4_K_M GGUF file)",
     )
     p.add_argument(
         "--data", default=os.path.join(HERE, "data", "dates_train.jsonl"), help="training JSON lines"
@@ -138,9 +143,9 @@ def main(argv=None):
 
     # 2) model, tokenizer, data
     if args.model is None:
-        from minilora.gguf import default_model_dir
+        from minilora.gguf import default_gguf
 
-        args.model = str(default_model_dir())
+        args.model = str(default_gguf())
     dtype = resolve_dtype(args.dtype, device)
     model = from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer(args.model)
@@ -208,6 +213,12 @@ def main(argv=None):
         with open(os.path.join(args.out, "metrics.jsonl"), encoding="utf-8") as f:
             evals = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
         say(f"held-out loss before: {evals[0]:.4f}  after: {evals[-1]:.4f}")
+    if rank == 0 and args.model.endswith(".gguf"):
+        from minilora.gguf import export_adapter
+
+        served = os.path.join(args.out, "adapter.gguf")
+        export_adapter(result["adapter_dir"], served, base=args.model)
+        say(f"llama.cpp's LoRA file: {served}; serve it with\n  llama-server -m {args.model} --lora {served}")
     say(f"total time {time.perf_counter() - t_start:.0f} s (training steps {train_s:.0f} s)")
     if world > 1:
         dist.destroy_process_group()
