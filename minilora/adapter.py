@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minilora.atomic import write_files
+from minilora.atomic import previous, write_folder
+from minilora.checkpoint import read_json
 from minilora.config import check, match_pattern_key
 from minilora.inject import (
     check_unshared,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROMPT_NAME = "minilora_prompt.json"  # minilora's own: the prompt format of training (peft ignores it)
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -99,36 +101,55 @@ def _peft_config(
     }
 
 
-def save_adapter(
-    model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`, both
-    atomically (minilora.atomic.write_files): a failed save leaves whatever was there intact."""
+def adapter_files(model: nn.Module, *, base_model_name_or_path: str | None = None, prompt=None):
+    """The files of the model's adapter, as {name: write} for minilora.atomic: adapter_config.json and
+    adapter_model.safetensors (peft's format), and PROMPT_NAME (None without a prompt)."""
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to save; call minilora.inject(model, config) first")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None)
-    config = _peft_config(model, layers, base_model_name_or_path)
+    config = json.dumps(_peft_config(model, layers, base_model_name_or_path), indent=2, sort_keys=True)
     tensors = {f"{PREFIX}{name}.{which}.weight": getattr(m, which).detach().contiguous().cpu()
                for name, m in layers.items() for which in ("lora_A", "lora_B")}  # fmt: skip
     from safetensors.torch import save_file  # here, so that `import minilora.kernels` needs no safetensors
 
+    text = lambda obj: lambda p: p.write_text(obj + "\n", encoding="utf-8")
+    return {
+        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_NAME: text(config),
+        PROMPT_NAME: None if prompt is None else text(json.dumps(prompt, indent=2)),
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    prompt: dict | None = None,
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (peft's format) into `out_dir`, and with
+    `prompt` ({"format", "template"} of minilora.data, the prompt format it was trained with) the
+    small PROMPT_NAME file, which peft ignores and minilora-generate applies. The folder is replaced
+    as a whole (minilora.atomic.write_folder): a crash or a failed save leaves the old adapter or the
+    new one, never a folder that loads as neither; the folder's other files are kept."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    # The config goes last: a crash between the two renames leaves a folder without one, which every
-    # loader (minilora's, peft's) refuses, never new weights read with an old config's alpha and targets.
-    write_files({
-        out / WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-        out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
-    })  # fmt: skip
+    write_folder(out, adapter_files(model, base_model_name_or_path=base_model_name_or_path, prompt=prompt))
     return out
+
+
+def read_prompt(adapter_dir: str | os.PathLike) -> dict | None:
+    """The prompt format an adapter was trained with (save_adapter's `prompt`), or None."""
+    path = Path(adapter_dir) / PROMPT_NAME
+    return read_json(path) if path.is_file() else None
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(config dict, {module name: {"lora_A": (r, in), "lora_B": (out, r)}}) from an adapter folder."""
     d = Path(adapter_dir)
+    if not d.is_dir() and previous(d).is_dir():  # a crash inside save_adapter's swap: the old one, whole
+        d = previous(d)
     if not d.is_dir():
         raise FileNotFoundError(f"adapter directory {d} does not exist")
     config_path, weights_path = d / CONFIG_NAME, d / WEIGHTS_NAME
@@ -138,10 +159,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
         bin_file = (d / "adapter_model.bin").exists()
         hint = " (found adapter_model.bin: convert it to safetensors)" if bin_file else ""
         raise FileNotFoundError(f"{weights_path} is missing{hint}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
@@ -155,7 +173,16 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"could not read {weights_path} (truncated or corrupted?): {e}") from None
+    return config, _modules(tensors, weights_path)
+
+
+def _modules(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights file's tensors by module, {name: {"lora_A", "lora_B"}}, each checked: a LoRA key,
+    floating point, given once, both of a pair, matrices of one rank."""
+    if not tensors:
+        raise ValueError(f"{weights_path} holds no tensors: not an adapter (re-save or re-download it)")
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}  # (module, lora_A/lora_B) -> the first key that holds it
     for key, value in tensors.items():
         m = _KEY.match(key.removeprefix(PREFIX))
         if m is None:
@@ -163,6 +190,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
                 f"{weights_path}: key {key!r} is not a LoRA linear weight (lora_A/lora_B); embedding LoRA, "
                 "DoRA magnitudes and modules_to_save are not supported yet"
             )
+        if not value.is_floating_point():
+            raise ValueError(f"{weights_path}: {key} is {value.dtype}; LoRA weights are floating point")
+        first = keys.setdefault((m["module"], m["which"]), key)
+        if first != key:
+            raise ValueError(f"{weights_path}: {first} and {key} are the same weight; keep one of them")
         modules.setdefault(m["module"], {})[m["which"]] = value
     for name, pair in modules.items():
         if len(pair) != 2:
@@ -173,7 +205,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict[s
                 f"{weights_path}: {name}.lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} must be "
                 "non-empty matrices (r, in) and (out, r) of one rank r"
             )
-    return config, modules
+    return modules
 
 
 def load_adapter(

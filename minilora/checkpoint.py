@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -57,12 +59,40 @@ _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
-def read_json(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); re-download or fix it") from e
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in a file (config.json, adapter_config.json, an index, a manifest); any other
+    content (not UTF-8, not JSON, empty, a list, a key given twice) is a ValueError naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if not raw.strip():
+            raise ValueError("the file is empty")
+        obj = json_loads(raw.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, bytes that are not UTF-8, a key twice, nesting
+        raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); re-download or fix it") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{os.fspath(path)} holds a JSON {type(obj).__name__}, not an object; fix it")
+    return obj
+
+
+def json_loads(text: str, start: int | None = None):
+    """json.loads, stricter: a key given twice in one object is an error (json keeps the last one),
+    and deep nesting a ValueError (json raises RecursionError). With `start`: the value that begins
+    there and the index after it (JSONDecoder.raw_decode)."""
+    try:
+        return _DECODER.decode(text) if start is None else _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _unique_keys(pairs: list) -> dict:
+    twice = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+    if twice:
+        raise ValueError(f"key {twice[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def config_from_hf(hf: dict) -> GemmaConfig:
@@ -81,6 +111,7 @@ def config_from_hf(hf: dict) -> GemmaConfig:
         raise ValueError("use_bidirectional_attention=True (an embedding model) is not supported")
     if c.get("attention_bias"):
         raise ValueError("attention_bias=True is not a Gemma layout; Gemma projections have no bias")
+    _check_values(c)
     window = c.get("sliding_window")
     return GemmaConfig(
         **{k: c[k] for k in _SIZES},
@@ -96,6 +127,23 @@ def config_from_hf(hf: dict) -> GemmaConfig:
         sliding_layers=_sliding_layers(c, arch["slide_every"]) if window is not None else (),
         **_rope(c, model_type),
     )
+
+
+# What config.json's values must be where present: integers >= 1, or numbers > 0 (None is allowed
+# for the optional ones: no window, no capping).
+_AT_LEAST_ONE = (*_SIZES, "head_dim", "sliding_window")
+_POSITIVE = ("rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+             "rope_theta", "rope_local_base_freq")  # fmt: skip
+
+
+def _check_values(c: dict) -> None:
+    for key in (*_AT_LEAST_ONE, *_POSITIVE):
+        v = c.get(key)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if key in _AT_LEAST_ONE and v is not None and not (number and v == int(v) and v >= 1):
+            raise ValueError(f"config.json: {key} must be an integer >= 1, got {v!r}")
+        if key in _POSITIVE and v is not None and not (number and v > 0):
+            raise ValueError(f"config.json: {key} must be a number > 0, got {v!r}")
 
 
 def _sliding_layers(c: dict, slide_every: int | None) -> tuple[bool, ...]:
@@ -162,18 +210,23 @@ def _gelu_approximate(model_type: str, hf: dict) -> str:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """ "auto": bf16 on a CUDA GPU that supports it, float32 elsewhere (CPUs here have no fast
-    bf16; fp16 overflows Gemma's activations)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+    bf16; fp16 overflows Gemma's activations). float16 on a CPU is allowed, with a warning."""
     named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if dtype not in named:
-        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")
-    return named[dtype]
+    if dtype == "auto":
+        gpu_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if gpu_bf16 else torch.float32
+    elif not isinstance(dtype, torch.dtype):
+        if dtype not in named:
+            raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")
+        dtype = named[dtype]
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        warnings.warn(
+            "float16 on a CPU: CPUs have no fast float16 matmul (several times slower than float32) and "
+            "Gemma's activations overflow float16's range (NaN losses); use float32 or bfloat16",
+            stacklevel=1,  # one location: the warning shows once, however many callers resolve the dtype
+        )
+    return dtype
 
 
 def from_pretrained(
@@ -251,6 +304,7 @@ def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype,
                         f"model expects {expected[name]}"
                     )
                 tensor = _read_tensor(f, data_start, header[stored], stored, dtype, device)
+                _check_finite(tensor, stored, file)
                 if name == "lm_head.weight":
                     head = tensor
                     continue
@@ -263,6 +317,13 @@ def _load_weights(model: Gemma, path: str, multimodal: bool, dtype: torch.dtype,
         )
 
 
+def _check_finite(t: torch.Tensor, name: str, file: str) -> None:
+    # A NaN or Inf anywhere makes the float32 sum NaN or infinite (trained weights are far too small
+    # for the sum itself to overflow); no temporary of t's size.
+    if not math.isfinite(t.sum(dtype=torch.float32)):
+        raise ValueError(f"{file}: tensor {name} holds NaN or infinite values; re-download the checkpoint")
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -272,6 +333,11 @@ def _weight_files(path: str) -> dict[str, str]:
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
+        root = os.path.realpath(path)
+        inside = lambda v: os.path.commonpath([root, os.path.realpath(os.path.join(root, v))]) == root
+        outside = sorted({repr(v) for v in weight_map.values() if not (isinstance(v, str) and inside(v))})
+        if outside:
+            raise ValueError(f"{index} maps tensors to files outside the model folder: {outside[:3]}")
         files = {k: os.path.join(path, v) for k, v in weight_map.items()}
         missing = sorted({v for v in files.values() if not os.path.isfile(v)})
         if missing:
@@ -304,12 +370,20 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
         if len(raw) < n:
             raise ValueError(f"{path} is truncated inside its header (re-download this file)")
         try:
-            header = json.loads(raw)
+            header = json_loads(raw.decode("utf-8"))
         except ValueError as e:
             raise ValueError(f"{path}: the safetensors header is corrupted ({e}); re-download it") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header is not a JSON object; re-download it")
     header.pop("__metadata__", None)
+    for name, e in header.items():
+        ok = isinstance(e, dict) and isinstance(e.get("dtype"), str) and _naturals(e.get("shape"))
+        if not (ok and _naturals(e.get("data_offsets")) and len(e["data_offsets"]) == 2 and
+                e["data_offsets"][0] <= e["data_offsets"][1]):  # fmt: skip
+            raise ValueError(
+                f"{path}: the header entry of {name!r} is malformed (it needs dtype, shape and "
+                "data_offsets [begin, end]); re-download the file"
+            )
     size, data_start = os.path.getsize(path), 8 + n
     cut = [(e["data_offsets"], k) for k, e in header.items() if data_start + e["data_offsets"][1] > size]
     if cut:
@@ -319,6 +393,10 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
             f"has {size} bytes (re-download this file)"
         )
     return header, data_start
+
+
+def _naturals(x) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
 def _read_tensor(f, data_start: int, entry: dict, name: str, dtype: torch.dtype, device) -> torch.Tensor:

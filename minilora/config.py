@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 INITS = ("kaiming", "gaussian")
 
@@ -69,8 +69,17 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     # Bias training: only "none" is supported (the base bias stays frozen, as peft's default).
     bias: str = "none"
+    # peft's LoraConfig names of alpha, targets and dropout: given, an error that names minilora's.
+    lora_alpha: InitVar[float | None] = None
+    target_modules: InitVar[list[str] | str | None] = None
+    lora_dropout: InitVar[float | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha, target_modules, lora_dropout):
+        peft = {"lora_alpha": (lora_alpha, "alpha"), "target_modules": (target_modules, "targets"),
+                "lora_dropout": (lora_dropout, "dropout")}  # fmt: skip
+        renames = [f"{ours}=, not peft's {name}=" for name, (v, ours) in peft.items() if v is not None]
+        if renames:
+            raise TypeError(f"LoRAConfig takes {'; '.join(renames)}")
         for setting in RULES:
             check(setting, getattr(self, setting), f"LoRAConfig.{setting}")
         for what, patterns, setting in (("rank_pattern", self.rank_pattern, "r"),

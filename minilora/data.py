@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: JSON lines -> token ids + labels (prompt masked) -> padded batches.
 
-Formats (one JSON object per line; "auto" picks the format from the first record's fields):
+A data file holds one JSON object per line, or one JSON array of objects (as many published datasets
+do); the values a format reads are strings. Formats ("auto" picks it from the first record's fields):
 
     text               {"text": ...}                                  every token is learned
     prompt_completion  {"prompt": ..., "completion": ...}
@@ -27,11 +28,13 @@ import json
 import logging
 import math
 import os
+import re
 import string
 from dataclasses import dataclass, field
 
 import torch
 
+from minilora.checkpoint import json_loads
 from minilora.gemma import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -64,26 +67,62 @@ Segment = tuple[str, bool]  # (text, is_completion)
 # reading
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """[(line number, record), ...] of a JSON-lines file; blank lines are skipped. Errors name the
-    file and line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
-                )
-            records.append((lineno, record))
+def read_records(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """(records, the line each starts on) of a data file: JSON lines (blank lines skipped) or one JSON
+    array of objects. Errors name the file and line: not UTF-8, malformed JSON, not an object."""
+    with open(path, "rb") as f:
+        text = "".join(_utf8(raw, path, lineno) for lineno, raw in enumerate(f, 1))
+    if text.lstrip().startswith("["):
+        records, lines = _json_array(text, path)
+    else:
+        numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        lines, records = [n for n, _ in numbered], [_parse(line, path, n) for n, line in numbered]
     if not records:
         raise ValueError(f"{path} holds no records: the dataset is empty")
-    return records
+    for record, lineno in zip(records, lines, strict=True):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return records, lines
+
+
+def _utf8(raw: bytes, path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is no text
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _parse(text: str, path, lineno: int, start: int | None = None):
+    """The JSON value in `text` (or, from `start` on, the first one and where it ends)."""
+    try:
+        return json_loads(text, start)
+    except json.JSONDecodeError as e:  # (e.lineno counts from the start of `text`)
+        line = lineno if start is None else e.lineno
+        raise ValueError(f"{path}:{line}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # a key given twice, deep nesting
+        raise ValueError(f"{path}:{lineno}: {e}") from None
+
+
+def _json_array(text: str, path) -> tuple[list, list[int]]:
+    """The elements of the JSON array in `text` and the line each starts on."""
+    blank, records, lines, line, at = re.compile(r"\s*"), [], [], 1, 0
+    i = blank.match(text, text.index("[") + 1).end()
+    while text[i : i + 1] != "]":
+        line, at = line + text.count("\n", at, i), i
+        record, i = _parse(text, path, line, start=i)
+        records.append(record)
+        lines.append(line)
+        i = blank.match(text, i).end()
+        if text[i : i + 1] == ",":
+            i = blank.match(text, i + 1).end()
+        elif text[i : i + 1] != "]":
+            raise ValueError(f"{path}:{line}: expected ',' or ']' after this record of the JSON array")
+    if text[i + 1 :].strip():
+        raise ValueError(f"{path}: extra data after the JSON array")
+    return records, lines
 
 
 def template_fields(template: str) -> list[str]:
@@ -124,28 +163,33 @@ def segments(record: dict, fmt: str, template: str | None = None, *, tok=None) -
     """A record as [(text, is_completion), ...]; raises KeyError naming a missing field. The chat
     format needs `tok`: its apply_chat_template writes the text."""
 
-    def need(name: str):
-        if name not in record:
+    def need(name: str, default=None) -> str:
+        if name not in record and default is None:
             raise KeyError(name)
-        return record[name]
+        value = record.get(name, default)
+        if not isinstance(value, str) and not (default is not None and value is None):
+            raise ValueError(f"field {name!r} must be a string, got {json.dumps(value, default=repr)[:80]}")
+        return value or ""
 
     if fmt == "text":
-        return [(str(need("text")), True)]
+        return [(need("text"), True)]
     if fmt == "prompt_completion":
-        return [(str(need("prompt")), False), (str(need("completion")), True)]
-    if fmt == "alpaca":
-        instruction, output, inp = need("instruction"), need("output"), record.get("input") or ""
+        return [(need("prompt"), False), (need("completion"), True)]
+    if fmt == "alpaca":  # "input" may be missing, empty or null
+        instruction, output, inp = need("instruction"), need("output"), need("input", default="")
         prompt = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
-        return [(prompt.format(instruction=instruction, input=inp), False), (str(output), True)]
+        return [(prompt.format(instruction=instruction, input=inp), False), (output, True)]
     if fmt == "chat":
-        return _chat_segments(need("messages"), tok)
+        if "messages" not in record:
+            raise KeyError("messages")
+        return _chat_segments(record["messages"], tok)
     if fmt == "template":
         if template is None:
             raise ValueError(
                 "format='template' needs a template, e.g. '### context: {input}\\n### answer: {target}'"
             )
         *prompt_fields, target = template_fields(template)
-        values = {name: str(need(name)) for name in [*prompt_fields, target]}
+        values = {name: need(name) for name in [*prompt_fields, target]}
         # Split the template at its last placeholder: before it is the prompt, from it on the completion.
         cut = template.rfind("{" + target)
         prompt = template[:cut].format(**values)
@@ -194,6 +238,28 @@ def prompt_and_target(record: dict, fmt: str, template: str | None = None, *, to
     i = next(i for i, (_, learned) in enumerate(segs) if learned)
     target = segs[i][0].removesuffix("<end_of_turn>")
     return "".join(text for text, _ in segs[:i]), target
+
+
+def generation_prompt(text: str, fmt: str, template: str | None = None, *, tok=None) -> str:
+    """The prompt that a model trained on format `fmt` saw for the input `text` (the instruction, the
+    user's message, the template's field): what minilora-generate sends with an adapter that records
+    its format. A template with several prompt fields takes `text` as a JSON object of them."""
+    if fmt == "text":
+        return text
+    if fmt == "template":
+        *fields, target = template_fields(template)
+        values = {fields[0]: text} if len(fields) == 1 else json_loads(text) if text.startswith("{") else None
+        if not isinstance(values, dict):
+            raise ValueError(f"template {template!r} needs the fields {fields}; give them as a JSON object")
+        return prompt_and_target({**values, target: ""}, fmt, template)[0]
+    records = {
+        "prompt_completion": {"prompt": text, "completion": ""},
+        "alpaca": {"instruction": text, "output": ""},
+        "chat": {"messages": [{"role": "user", "content": text}, {"role": "model", "content": "…"}]},
+    }
+    if fmt not in records:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+    return prompt_and_target(records[fmt], fmt, tok=tok)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -312,10 +378,24 @@ def tokenize(
 
 
 def load_dataset(path: str | os.PathLike, tok, **kwargs) -> SFTData:
-    """The records of a JSON-lines file, tokenized; keyword arguments as tokenize(). Errors name the
-    file and line."""
-    lines, records = zip(*_read_jsonl(path), strict=True)
-    return tokenize(list(records), tok, source=str(path), lines=list(lines), **kwargs)
+    """The records of a data file (read_records), tokenized; keyword arguments as tokenize(). Errors
+    name the file and line."""
+    return load_split(path, tok, 0.0, **kwargs)[0]
+
+
+def load_split(path: str | os.PathLike, tok, held_out: float, *, seed: int = 0, **kwargs):
+    """(train, held-out) SFTData of one data file: a `held_out` fraction of its records (rounded
+    down), drawn by `seed`, is tokenized apart; held-out is None when that is no record."""
+    records, lines = read_records(path)
+    n = int(len(records) * held_out)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    parts = [sorted(order[n:]), sorted(order[:n])]
+    return tuple(
+        tokenize([records[i] for i in part], tok, source=str(path), lines=[lines[i] for i in part], **kwargs)
+        if part
+        else None
+        for part in parts
+    )
 
 
 # -----------------------------------------------------------------------------

@@ -604,6 +604,7 @@ def default_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
             if not path.is_file():  # another process may have assembled it while we waited
+                log.info("assembling %s (once)", path)
                 write_files({path: package.assemble})
     return path
 

@@ -189,8 +189,8 @@ class Tokenizer:
 
 
 def _role(message: dict) -> str:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"a chat message is a dict with 'role' and 'content', got {message!r}")
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+        raise ValueError(f"a chat message is a dict with 'role' and 'content' (role: a str), got {message!r}")
     return message["role"]
 
 

@@ -16,16 +16,25 @@ A checkpoint (out_dir/checkpoint/) holds the adapter, the optimizer (+ grad scal
 rank's RNG state, the step, the seconds trained so far, and the settings that decide the run's
 trajectory (base weights included). It is swapped in whole (minilora.atomic). The learning rate and
 the data order are functions of the step, so resuming continues the exact run: the resumed run logs
-the numbers the uninterrupted one logs.
+the numbers the uninterrupted one logs. Nothing in it is pickled (a run folder may come from
+anyone): tensors are safetensors, the rest JSON, and manifest.json, read first, holds the settings
+and every file's sha256, checked before any other file is read.
+
+While a run trains, out_dir/.lock keeps a second run out of the folder, and Ctrl-C or SIGTERM stops
+it after the current step with a checkpoint (TrainingInterrupted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -37,10 +46,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilora.adapter import load_adapter, save_adapter
-from minilora.atomic import previous, replace_folder, write_files
+from minilora.adapter import adapter_files, load_adapter, save_adapter
+from minilora.atomic import fsync_dir, previous, remove_temporaries, replace_folder, write_error, write_files
+from minilora.checkpoint import json_loads, read_json
 from minilora.data import SFTData, StepSampler, collate, n_targets
 from minilora.inject import lora_layers
+
+try:
+    import fcntl
+except ImportError:  # Windows: no run lock
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +96,8 @@ class TrainConfig:
     eval_batch_size: int = 16
     # Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
     save_every: int = 0
+    # Also write one when this many minutes have passed since the last; 0 = by steps only.
+    save_every_minutes: float = 0.0
     # Log a metrics line every this many steps.
     log_every: int = 1
     # Seeds the data order and the dropout RNG (rank r uses seed + r).
@@ -95,27 +112,48 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps is None and self.epochs is None:
             raise ValueError("TrainConfig needs steps or epochs")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+        for valid, test, names in _VALID:
+            for name in names.split():
+                v = getattr(self, name)
+                finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if not (finite and test(v)) and not (v is None and name in ("steps", "epochs")):
+                    raise ValueError(f"TrainConfig.{name} must be {valid}, got {v!r}")
         if self.dtype not in AUTOCAST:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(AUTOCAST)}, got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise ValueError("TrainConfig: resume and overwrite contradict each other; pick one")
 
 
+# What each TrainConfig number must be: in words, as a test (of a finite int or float), which fields.
+_VALID = [
+    ("an integer >= 1", lambda v: v >= 1 and v % 1 == 0, "steps batch_size grad_accum eval_batch_size "
+                                                         "log_every"),
+    ("an integer >= 0", lambda v: v >= 0 and v % 1 == 0, "warmup_steps eval_every save_every"),
+    ("an integer", lambda v: v % 1 == 0, "seed"),
+    ("a number > 0", lambda v: v > 0, "lr epochs"),
+    ("a number >= 0", lambda v: v >= 0, "grad_clip weight_decay save_every_minutes"),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio beta1 beta2"),
+]  # fmt: skip
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that do not change the trajectory of a run, so a resume may change them (recomputing a
 # layer in backward gives the same numbers, RNG state included, hence grad_checkpointing).
-RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "log_every",
-                     "eval_batch_size", "grad_checkpointing")  # fmt: skip
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "eval_every", "save_every", "save_every_minutes",
+                     "log_every", "eval_batch_size", "grad_checkpointing")  # fmt: skip
+MANIFEST, STATE, LOCK = "manifest.json", "trainer_state.safetensors", ".lock"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite; the update was not applied and the last good
     checkpoint is left in place."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run after a step, with a checkpoint of that step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; checkpoint {checkpoint}")
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
@@ -255,8 +293,13 @@ def log_metrics(out: Path, info: dict, callback=None) -> None:
     """Append `info` to out/metrics.jsonl, log it and pass it to `callback` (rank 0 only)."""
     if _world()[0] != 0:
         return
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(info) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(info) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(e, out / "metrics.jsonl") from e
     log.info("%s", info)
     if callback is not None:
         callback(info)
@@ -328,66 +371,145 @@ def _sha256(chunks: Iterable[bytes]) -> str:
 def save_checkpoint(
     out: Path, model: nn.Module, optimizer, scaler, step: int, settings: dict, train_s: float
 ) -> None:
-    """Write out/checkpoint (all ranks call this): its files go into a temp folder, which is then
-    swapped in whole (minilora.atomic.replace_folder)."""
+    """Write out/checkpoint (all ranks call this): its files go into a temp folder, manifest.json
+    (the settings and each file's sha256) last, which is then swapped in whole
+    (minilora.atomic.replace_folder)."""
     rank, _ = _world()
     tmp = out / ".checkpoint.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    write_files({tmp / f"rng_rank{rank}.pt": lambda p: torch.save(_rng_state(), p)})
+    write_files({tmp / f"rng_rank{rank}.safetensors": _state_file(_rng_state())})
     if rank == 0:
-        save_adapter(model, tmp)
-        state = {
-            "step": step,
-            "train_s": train_s,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+        state = {"step": step, "train_s": train_s, "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None}  # fmt: skip
+        files = {tmp / name: write for name, write in adapter_files(model).items() if write is not None}
+        write_files({**files, tmp / STATE: _state_file(state)})
+    _barrier()
+    if rank == 0:
+        manifest = {
             "settings": settings,
             "base_model": getattr(model, "name_or_path", None),  # for the error message only
+            "sha256": {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())},
         }
-        write_files({tmp / "trainer_state.pt": lambda p: torch.save(state, p)})
-    _barrier()
-    if rank == 0:
+        text = json.dumps(manifest, indent=1)
+        write_files({tmp / MANIFEST: lambda p: p.write_text(text, encoding="utf-8")})
         replace_folder(tmp, out / "checkpoint")
     _barrier()
+
+
+def _state_file(obj):
+    """A writer (for minilora.atomic) of `obj`, nested dicts and lists of tensors and JSON values, as
+    one safetensors file: the tensors, and the rest as JSON in its metadata; no pickle."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_encode(obj, tensors))
+    return lambda path: save_file(tensors, path, metadata={"state": skeleton})
+
+
+def _encode(obj, tensors: dict):
+    """`obj` as JSON: a tensor becomes {"tensor": its name in `tensors`}, a dict {"items": [[key,
+    value], ...]} (optimizer states have int keys), a tuple a list."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(obj, dict):
+        return {"items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a checkpoint holds tensors, dicts, lists and JSON values, not {type(obj).__name__}")
+
+
+def _read_state(path: Path):
+    """The object a _state_file wrote."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safe_open has no __iter__
+        skeleton = json_loads((f.metadata() or {})["state"])
+
+    def decode(x):
+        if isinstance(x, list):
+            return [decode(v) for v in x]
+        if isinstance(x, dict):
+            return tensors[x["tensor"]] if "tensor" in x else {decode(k): decode(v) for k, v in x["items"]}
+        return x
+
+    return decode(skeleton)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(iter(lambda: f.read(1 << 20), b""))
 
 
 def find_checkpoint(out: Path) -> Path | None:
     # A crash while the new checkpoint is swapped in leaves the old one whole, at previous().
     for d in (out / "checkpoint", previous(out / "checkpoint")):
-        if (d / "trainer_state.pt").is_file():
+        if (d / MANIFEST).is_file() or (d / "trainer_state.pt").is_file():  # (.pt: an old minilora's)
             return d
     return None
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scaler, settings: dict) -> tuple[int, float]:
-    """Restore a run; refuses a checkpoint whose settings differ from this run's. Returns its step
-    and the seconds spent in training steps up to it."""
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    theirs = state["settings"]
+    """Restore a run; refuses a checkpoint whose settings differ from this run's, or whose files differ
+    from their sha256 in manifest.json, before any other file is read. Returns its step and the
+    seconds spent in training steps up to it."""
+    _check_manifest(ckpt, model, settings)
+    state = _read_state(ckpt / STATE)
+    load_adapter(model, ckpt, trainable=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = _read_state(ckpt / f"rng_rank{_world()[0]}.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"]), float(state["train_s"])
+
+
+def _check_manifest(ckpt: Path, model: nn.Module, settings: dict) -> None:
+    """Refuse the checkpoint unless its settings are this run's and every file in it is listed in its
+    manifest.json with that file's sha256 (an old minilora's pickle files are never read)."""
+    if not (ckpt / MANIFEST).is_file():
+        raise ValueError(
+            f"{ckpt} was written by an older minilora, in pickle files (trainer_state.pt), which are not "
+            "read: unpickling can run code. Start the run over (overwrite=True, --overwrite)"
+        )
+    manifest = read_json(ckpt / MANIFEST)
+    theirs, digests = manifest.get("settings"), manifest.get("sha256")
+    if not isinstance(theirs, dict) or not isinstance(digests, dict):
+        raise ValueError(f"{ckpt / MANIFEST} is not a minilora checkpoint manifest (settings, sha256)")
     diff = [f"{k}: checkpoint {theirs.get(k)!r}, this run {settings.get(k)!r}"
             for k in {**theirs, **settings} if theirs.get(k) != settings.get(k)]  # fmt: skip
     if theirs.get("base_weights") != settings["base_weights"]:
         diff.append(
-            f"the checkpoint was trained on other base weights ({state['base_model']}) than this run's "
-            f"model ({getattr(model, 'name_or_path', None)}); resume with the model the run began with"
+            f"the checkpoint was trained on other base weights ({manifest.get('base_model')}) than this "
+            f"run's model ({getattr(model, 'name_or_path', None)}); resume with the model the run began with"
         )
     if diff:
         raise ValueError(
             f"cannot resume from {ckpt}: it belongs to a run with other settings:\n  " + "\n  ".join(diff)
             + "\nresume with the same settings, or start a new run with another out_dir or overwrite=True"
         )  # fmt: skip
-    load_adapter(model, ckpt, trainable=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    rng = torch.load(ckpt / f"rng_rank{_world()[0]}.pt", map_location="cpu", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"]), float(state["train_s"])
+    needed = {STATE, f"rng_rank{_world()[0]}.safetensors"}
+    for name in sorted({p.name for p in ckpt.iterdir()} - {MANIFEST} | needed):
+        problem = (
+            "is missing" if not (ckpt / name).is_file()
+            else f"is not listed in {MANIFEST}" if name not in digests
+            else f"differs from its sha256 in {MANIFEST}" if digests[name] != _file_sha256(ckpt / name)
+            else None
+        )  # fmt: skip
+        if problem:
+            raise ValueError(
+                f"{ckpt / name} {problem}: the checkpoint is damaged or was edited; resume from an intact "
+                "copy, or start over (overwrite=True, --overwrite)"
+            )
 
 
 def _rng_state() -> dict:
@@ -402,6 +524,12 @@ def _start(out: Path, model: nn.Module, optimizer, scaler, settings: dict, confi
     trained so far)."""
     rank, _ = _world()
     start, train_s = 0, 0.0
+    if rank == 0:  # and clean up what writes that a crash interrupted left behind
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / ".checkpoint.tmp", ignore_errors=True)
+        for name in ("checkpoint", "adapter", "metrics.jsonl"):
+            remove_temporaries(out / name)
+    _barrier()
     ckpt = find_checkpoint(out)
     if config.resume:
         if ckpt is None:
@@ -418,13 +546,70 @@ def _start(out: Path, model: nn.Module, optimizer, scaler, settings: dict, confi
     else:
         torch.manual_seed(config.seed + rank)  # dropout masks; each rank its own stream
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         _keep_metrics_upto(out / "metrics.jsonl", start if config.resume else -1)
         if not config.resume:  # overwrite: a crash must leave nothing of the old run to resume or use
             for old in (out / "checkpoint", previous(out / "checkpoint"), out / "adapter"):
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return start, train_s
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold out/.lock while a run uses the folder `out` (made if missing): a second run into it is
+    refused at once, naming the holder's pid. The lock is the kernel's (flock), so it ends with its
+    process: the file a killed run leaves behind is stale and simply taken over. Re-entrant in one
+    process (the command line takes it before loading the model, train() again)."""
+    key = os.path.realpath(out)
+    if key in _LOCKED or fcntl is None:
+        yield
+        return
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        fsync_dir(out.parent)
+    with open(out / LOCK, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(
+                f"{out} is in use by another run (pid {f.read().strip() or '?'}, see {out / LOCK}); wait "
+                "for it to end, or choose another out_dir (--out)"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _LOCKED.add(key)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(key)
+
+
+_LOCKED: set[str] = set()  # the run folders this process holds
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Yields a list that SIGINT (Ctrl-C) and SIGTERM append their number to, instead of stopping the
+    process: the loop then ends after the current step with a checkpoint. A second Ctrl-C stops at
+    once (KeyboardInterrupt). Only the main thread may set signal handlers; elsewhere nothing changes."""
+    asked: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def ask(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _diverged(what: str, out: Path) -> TrainingDiverged:
@@ -451,34 +636,33 @@ def train(
     """Fine-tune the adapter parameters of `model` (the rest stays frozen). `callback(info)` gets a
     dict per logged step on rank 0 (step, steps, loss, lr, tokens_per_s, eta_s, eval_loss where
     measured). Returns the final step, loss, eval_loss, train_s (seconds in training steps, eval and
-    saving excluded) and the adapter folder."""
+    saving excluded) and the adapter folder. Ctrl-C or SIGTERM ends the run after the current step
+    with a checkpoint and raises TrainingInterrupted; an error while writing names the file and the
+    cause and leaves the last complete checkpoint to resume from."""
     switch = getattr(model, "gradient_checkpointing", None)
     if config.grad_checkpointing and switch is None:
         raise ValueError(f"{type(model).__name__} has no gradient_checkpointing switch")
+    out = Path(config.out_dir)
     try:
         if config.grad_checkpointing:
             model.gradient_checkpointing = True
-        return _train(model, tok, train_data, eval_data, config, callback)
+        with run_lock(out) if _world()[0] == 0 else nullcontext(), _stop_requests() as stop:
+            return _train(model, tok, train_data, eval_data, config, callback, stop)
+    except OSError as e:  # a file that could not be written (a full disk, most often)
+        if e.errno is None or e.filename is None:
+            raise
+        kept = find_checkpoint(out)
+        where = f"the last complete checkpoint is {kept}" if kept else "no checkpoint was written yet"
+        raise type(e)(e.errno, f"{e.strerror}: {e.filename}; {where} (resume=True, --resume)") from e
     finally:  # the switch goes back to what it was, however the run ends
         if switch is not None:
             model.gradient_checkpointing = switch
 
 
-def _train(model, tok, train_data, eval_data, config, callback) -> dict:
+def _train(model, tok, train_data, eval_data, config, callback, stop: list[int]) -> dict:
     rank, world = _world()
     out, pad_id, device = Path(config.out_dir), getattr(tok, "pad_id", 0), next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params or not any(True for _ in lora_layers(model)):
-        raise ValueError(
-            "the model has no trainable LoRA parameters; call minilora.inject(model, config) first"
-        )
-    global_batch = config.batch_size * config.grad_accum * world
-    sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
-    total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None
+    optimizer, scaler, sampler, total = _setup(model, train_data, config)
     settings = run_settings(model, config, train_data, world)
     start, train_s = _start(out, model, optimizer, scaler, settings, config)
     net = _ddp(model, device) if world > 1 else model
@@ -490,7 +674,7 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
 
     model.train()
     recent: deque[tuple[float, int]] = deque(maxlen=10)  # (seconds, tokens) of the last 10 steps
-    loss, eval_loss = float("nan"), None
+    loss, eval_loss, saved_at = float("nan"), None, time.monotonic()
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = lr_at(step, config, total)
@@ -506,13 +690,37 @@ def _train(model, tok, train_data, eval_data, config, callback) -> dict:
         eval_loss = run_eval() if due(config.eval_every, done) else None
         if due(config.log_every, done) or eval_loss is not None:
             log_metrics(out, _step_info(done, total, loss, lr, eval_loss, recent, train_s), callback)
-        if due(config.save_every, done):
+        late = config.save_every_minutes > 0 and time.monotonic() - saved_at >= 60 * config.save_every_minutes
+        stopping, late = _all_sum([len(stop), late], device)  # every rank stops or saves if one does
+        if due(config.save_every, done) or late or stopping:
             save_checkpoint(out, model, optimizer, scaler, done, settings, train_s)
+            saved_at = time.monotonic()
+        if stopping and done < total:
+            raise TrainingInterrupted(stop[0] if stop else signal.SIGTERM, done, out / "checkpoint")
 
-    if rank == 0:  # the final adapter, in peft's format
-        save_adapter(model, out / "adapter")
+    if rank == 0:  # the final adapter, in peft's format, with the prompt format it learned
+        prompt = {"format": train_data.format, "template": train_data.template}
+        save_adapter(model, out / "adapter", prompt=prompt)
     _barrier()
     return dict(step=total, loss=loss, eval_loss=eval_loss, train_s=train_s, adapter_dir=str(out / "adapter"))
+
+
+def _setup(model: nn.Module, train_data: SFTData, config: TrainConfig):
+    """(AdamW over the adapter, the float16 grad scaler or None, the step sampler, the step count)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or not any(True for _ in lora_layers(model)):
+        raise ValueError(
+            "the model has no trainable LoRA parameters; call minilora.inject(model, config) first"
+        )
+    device = next(model.parameters()).device
+    global_batch = config.batch_size * config.grad_accum * _world()[1]
+    sampler = StepSampler(train_data.lengths, global_batch, config.seed, config.group_by_length)
+    total = config.steps if config.steps is not None else sampler.steps_for_epochs(config.epochs)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
+    scaler = torch.amp.GradScaler(device.type) if config.dtype == "float16" else None
+    return optimizer, scaler, sampler, total
 
 
 def _step_info(done: int, total: int, loss: float, lr: float, eval_loss, recent, train_s: float) -> dict:

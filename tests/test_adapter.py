@@ -538,33 +538,124 @@ def test_adapter_files_get_the_usual_mode(tmp_path):
             assert (tmp_path / oct(umask) / name).stat().st_mode & 0o777 == mode, (name, oct(umask))
 
 
-def test_a_crash_between_the_two_renames_never_pairs_new_weights_with_an_old_config(tmp_path, monkeypatch):
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_a_crash_anywhere_in_save_adapter_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch):
+    """Issue 9 (5): the new files go into a sibling folder that is swapped in with renames; a crash at
+    any rename leaves a folder that loads as the old adapter or the new one (never neither, never a
+    mix), and the next save cleans up what the crash left."""
     base = hf_model("gemma")
     model = copy.deepcopy(base)
     ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj"]))
     randomize(model)
-    ml.save_adapter(model, tmp_path)
+    folder = tmp_path / "adapter"
+    ml.save_adapter(model, folder)
+    (folder / "README.md").write_text("notes of the user")  # another file in the folder is kept
+    old = lora_weights(model)
     for m in model.modules():
         if isinstance(m, ml.LoRALinear):
             m.set_scaling(64)  # the new save differs in the config as well as the weights
     randomize(model, seed=2)
+    new = lora_weights(model)
 
-    import minilora.adapter as adapter_mod
+    def loads_as(expected, scaling):
+        loaded = copy.deepcopy(base)
+        ml.load_adapter(loaded, folder)
+        got = lora_weights(loaded)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert loaded.model.layers[0].self_attn.q_proj.scaling == scaling
 
-    real_replace, calls = os.replace, []
+    real_replace = os.replace
+    for crash_at in range(4):  # 2 renames of files into the new folder, then the 2 of the swap
+        calls = []
 
-    def replace_then_die(src, dst):  # the process dies after the first of the two renames
-        if calls:
-            raise KeyboardInterrupt("killed")
-        calls.append(dst)
-        real_replace(src, dst)
+        def replace_then_die(src, dst, crash_at=crash_at, calls=calls):
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt("killed")
+            calls.append(dst)
+            real_replace(src, dst)
 
-    monkeypatch.setattr(adapter_mod.os, "replace", replace_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ml.save_adapter(model, tmp_path)
-    monkeypatch.undo()
-    # The folder is refused as a whole (by minilora and by peft), never loaded as a mix.
-    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        monkeypatch.setattr(os, "replace", replace_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            ml.save_adapter(model, folder)
+        monkeypatch.undo()
+        loads_as(old, 8 / 4)  # at crash 3 from .adapter.old, where the swap had moved it
+    (tmp_path / ".adapter.0123456789ab.tmp").mkdir()  # what a SIGKILL inside a save leaves
+    ml.save_adapter(model, folder)  # the next save: the new adapter, nothing stale left
+    loads_as(new, 64 / 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
+                                                       "adapter_model.safetensors"]  # fmt: skip
+    assert (folder / "README.md").read_text() == "notes of the user"
+    monkeypatch.chdir(folder)  # the folder is swapped in whole: never the one the process is in
+    with pytest.raises(ValueError, match="cannot be the current directory"):
+        ml.save_adapter(model, ".")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [  # issue 9 (6): refused, where they used to load (or "load" 0 modules and freeze the model)
+        (lambda t, k: t.update({k: t[k].to(torch.int8)}), r"lora_B.weight is torch.int8; LoRA weights are"),
+        (lambda t, k: t.update({k: t[k] != 0}), r"lora_B.weight is torch.bool; LoRA weights are floating"),
+        (lambda t, k: t.update({k: t[k].to(torch.complex64)}), r"is torch.complex64; LoRA weights are float"),
+        (lambda t, k: t.update({k.replace("base_model.model.", ""): t[k].clone()}), r"are the same weight"),
+        (lambda t, k: t.clear(), r"adapter_model.safetensors holds no tensors"),
+    ],
+    ids=["int8", "bool", "complex", "duplicate-key", "no-tensors"],
+)
+def test_adapter_tensors_are_float_unique_and_present(tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    base, _ = peft_adapter(tmp_path)
+    w = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(w)
+    edit(tensors, "base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight")
+    save_file(tensors, w)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message):
+        ml.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, ml.LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [  # issue 9 (7): used to be AttributeError: 'list' object has no attribute 'get'
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ("null", "holds a JSON NoneType, not an object"),
+        ('"LORA"', "holds a JSON str, not an object"),
+        ("", r"is not valid JSON \(the file is empty\)"),
+        ('{"r": 4, "r": 8}', r"is not valid JSON \(key 'r' appears twice in one object\)"),
+        ("[" * 100_000 + "]" * 100_000, r"is not valid JSON \(nested too deeply\)"),
+    ],
+    ids=["list", "null", "string", "empty", "duplicate-key", "deep"],
+)
+def test_adapter_config_must_be_one_json_object(tmp_path, text, message):
+    base, _ = peft_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"adapter_config.json {message}"):
         ml.load_adapter(copy.deepcopy(base), tmp_path)
-    with pytest.raises(ValueError):
-        peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+
+
+def test_peft_field_names_are_refused_with_minilora_s_names():
+    # issue 9 (9): used to be a bare TypeError (unexpected keyword argument 'lora_alpha')
+    with pytest.raises(TypeError, match=r"takes alpha=, not peft's lora_alpha=; targets=, not peft's target"):
+        ml.LoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match=r"dropout=, not peft's lora_dropout="):
+        ml.LoRAConfig(lora_dropout=0.1)
+
+
+def test_the_prompt_format_is_a_file_of_its_own_that_peft_ignores(tmp_path):
+    model = copy.deepcopy(hf_model("gemma"))
+    ml.inject(model, ml.LoRAConfig(r=2, targets=["q_proj"]))
+    randomize(model)
+    prompt = {"format": "template", "template": "### q: {input}\n### a: {target}"}
+    ml.save_adapter(model, tmp_path, prompt=prompt)
+    assert ml.adapter.read_prompt(tmp_path) == prompt
+    expected = logits(model)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model("gemma")), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    ml.save_adapter(model, tmp_path)  # saved without one: the old file goes with the old adapter
+    assert ml.adapter.read_prompt(tmp_path) is None

@@ -288,3 +288,116 @@ def test_real_tokenizer_chat_and_prompt_encoding():
     assert tok.decode([x for x in labels if x != IGNORE_INDEX]) == tok.decode(
         tok.encode(" the 10th", add_bos=False) + [1]
     )
+
+
+# ---- issue 9 (6, 7, 9): every value of a data file is checked where it is read
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [  # trained on as the strings 'None', "['a', 'b']", 'nan' before
+        ('{"prompt": "a", "completion": null}', "null"),
+        ('{"prompt": ["a", "b"], "completion": "c"}', r'\["a", "b"\]'),
+        ('{"prompt": "a", "completion": {"x": 1}}', r'\{"x": 1\}'),
+        ('{"prompt": "a", "completion": NaN}', "NaN"),
+        ('{"prompt": "a", "completion": Infinity}', "Infinity"),
+        ('{"prompt": "a", "completion": 7}', "7"),
+    ],
+)
+def test_data_values_must_be_strings(tmp_path, line, shown):
+    p = write(tmp_path, [json.dumps({"prompt": "x", "completion": "y"}), line])
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: record 2: field '\w+' must be a string, got {shown}"):
+        load_dataset(p, TOK)
+    with pytest.raises(ValueError, match=r"'text' must be a string, got null"):
+        tokenize([{"text": None}], TOK)
+    with pytest.raises(ValueError, match=r"'b' must be a string, got 3"):
+        tokenize([{"a": "x", "b": 3}], TOK, template="{a} {b}")
+    # alpaca's "input" may be missing, empty or null (documented), nothing else
+    assert one({"instruction": "i", "input": None, "output": "o"}) == one({"instruction": "i", "output": "o"})
+    with pytest.raises(ValueError, match=r"'input' must be a string, got \[\]"):
+        tokenize([{"instruction": "i", "input": [], "output": "o"}], TOK)
+
+
+@pytest.mark.parametrize(
+    "raw, where",
+    [
+        (
+            '{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"),
+            r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)",
+        ),
+        ('{"text": "ok"}\n'.encode("utf-16"), r"d\.jsonl:1: not UTF-8 text \(byte 0xff at column 1\)"),
+        (
+            b'{"text": "ok"}\n' * 3 + bytes(range(256)),
+            r"d\.jsonl:5: not UTF-8 text \(byte 0x80 at column 118\)",
+        ),
+    ],
+    ids=["latin-1", "utf-16", "binary"],
+)
+def test_undecodable_text_names_the_file_and_line(tmp_path, raw, where):
+    (tmp_path / "d.jsonl").write_bytes(raw)  # used to be a bare UnicodeDecodeError ... position 507
+    with pytest.raises(ValueError, match=where + ".*save the file as UTF-8"):
+        load_dataset(tmp_path / "d.jsonl", TOK)
+
+
+def test_deep_nesting_and_duplicate_keys_name_the_file_and_line(tmp_path):
+    deep = '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"  # used to be a bare RecursionError
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: nested too deeply"):
+        load_dataset(write(tmp_path, ['{"text": "a"}', deep]), TOK)
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: key 'text' appears twice"):
+        load_dataset(write(tmp_path, ['{"text": "a", "text": "b"}']), TOK)
+
+
+def test_a_json_array_file_is_read_with_the_line_of_each_record(tmp_path):
+    records = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(records, indent=2), encoding="utf-8-sig")  # with a byte-order mark
+    lines = write(tmp_path, [json.dumps(r) for r in records])
+    assert load_dataset(array, TOK).examples == load_dataset(lines, TOK).examples
+    array.write_text(json.dumps([*records, {"prompt": "p3"}], indent=2))
+    with pytest.raises(ValueError, match=r"d\.json:10: record 3 has no 'completion' field"):
+        load_dataset(array, TOK)
+    array.write_text('[\n{"text": "a"},\n{"text": "b"\n]')
+    with pytest.raises(ValueError, match=r"d\.json:4: malformed JSON"):
+        load_dataset(array, TOK)
+    array.write_text('[{"text": "a"}, 3]')
+    with pytest.raises(ValueError, match=r"d\.json:1: expected a JSON object, got int"):
+        load_dataset(array, TOK)
+
+
+def test_load_split_holds_out_a_seeded_slice(tmp_path):
+    from minilora.data import load_split
+
+    records = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    p = write(tmp_path, [json.dumps(r) for r in records])
+    train, held = load_split(p, TOK, 0.1, seed=3)
+    assert (len(train), len(held)) == (18, 2) and (train.n_records, held.n_records) == (18, 2)
+    assert sorted(map(str, train.records + held.records)) == sorted(map(str, records))
+    assert (
+        load_split(p, TOK, 0.1, seed=3)[1].records
+        == held.records
+        != load_split(p, TOK, 0.1, seed=4)[1].records
+    )
+    assert load_split(p, TOK, 0.01)[1] is None  # nothing to hold out
+    assert load_split(p, TOK, 0.0)[0].examples == load_dataset(p, TOK).examples
+
+
+def test_generation_prompt_is_the_prompt_of_training():
+    from minilora.data import generation_prompt
+
+    records = {
+        "prompt_completion": {"prompt": "Q?", "completion": "A"},
+        "alpaca": {"instruction": "Q?", "output": "A"},
+        "chat": {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]},
+        "text": {"text": "Q?"},
+    }
+    for fmt, record in records.items():
+        ids, labels = one(record)
+        first_learned = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+        expected = TOK.decode(ids[1:first_learned]) if fmt != "text" else "Q?"  # after <bos>
+        assert generation_prompt("Q?", fmt, tok=TOK) == expected, fmt
+    template = "### q: {q}\n### a: {a}"
+    assert generation_prompt("Q?", "template", template) == "### q: Q?\n### a: "
+    two = "{x} and {y} -> {z}"
+    assert generation_prompt('{"x": "1", "y": "2"}', "template", two) == "1 and 2 -> "
+    with pytest.raises(ValueError, match=r"needs the fields \['x', 'y'\]; give them as a JSON object"):
+        generation_prompt("1 and 2", "template", two)

@@ -579,3 +579,76 @@ def test_dtype_conversion_while_loading_is_exact(tmp_path, monkeypatch, stored, 
     theirs = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         assert p.dtype == target and torch.equal(p, theirs[name].to(target)), name
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 9 (6, 7): every value of a checkpoint folder is checked where it is read
+
+
+def edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rms_norm_eps", -1, "rms_norm_eps must be a number > 0, got -1"),  # every logit was NaN
+        ("rms_norm_eps", 0, "rms_norm_eps must be a number > 0, got 0"),
+        ("sliding_window", -5, "sliding_window must be an integer >= 1, got -5"),
+        ("num_hidden_layers", 1.5, "num_hidden_layers must be an integer >= 1, got 1.5"),
+        ("head_dim", "16", "head_dim must be an integer >= 1, got '16'"),
+    ],
+)
+def test_config_values_out_of_range_are_refused(tmp_path, key, value, message):
+    _, path = checkpoint(tmp_path, "gemma3")
+    edit_json(path / "config.json", lambda c: c.update({key: value}))
+    with pytest.raises(ValueError, match=rf"config.json: {message}"):
+        gemma.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text, kind", [("[1]", "list"), ("null", "NoneType"), ('"gemma"', "str")])
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text, kind):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    (path / "config.json").write_text(text)  # used to be AttributeError: 'list' object has no attribute 'get'
+    with pytest.raises(ValueError, match=rf"ckpt/config.json holds a JSON {kind}, not an object"):
+        gemma.from_pretrained(path)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    rewrite_weights(path, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((3, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"tensor model.layers.1.mlp.up_proj.weight holds NaN or infinite"):
+        gemma.from_pretrained(path)
+
+
+def test_a_shard_path_outside_the_model_folder_is_refused(tmp_path):
+    _, path, shards = sharded(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(shards[0], outside / shards[0].name)
+    index = path / "model.safetensors.index.json"
+    moved = lambda v: f"../outside/{v}" if v == shards[0].name else v
+    edit_json(index, lambda i: i.update(weight_map={k: moved(v) for k, v in i["weight_map"].items()}))
+    with pytest.raises(ValueError, match=r"maps tensors to files outside the model folder: \[\"'../outside/"):
+        gemma.from_pretrained(path)
+
+
+def test_a_header_entry_without_data_offsets_is_named(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    file = path / "model.safetensors"
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    del header["model.norm.weight"]["data_offsets"]  # used to be a bare KeyError
+    text = json.dumps(header).encode().ljust(n)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    with pytest.raises(ValueError, match=r"header entry of 'model.norm.weight' is malformed .*data_offsets"):
+        gemma.from_pretrained(path)
+
+
+def test_float16_on_a_cpu_warns_why(tmp_path):
+    _, path = checkpoint(tmp_path, "gemma1-mqa")
+    with pytest.warns(UserWarning, match=r"float16 on a CPU: .* slower .* overflow float16"):
+        gemma.from_pretrained(path, dtype="float16")

@@ -204,3 +204,36 @@ def test_python_dash_m_runs_the_command_line_once(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "usage: minilora-generate" in out.stdout
     assert "RuntimeWarning" not in out.stderr
+
+
+def test_command_line_applies_the_adapters_prompt_format(checkpoints, tmp_path, monkeypatch, capsys):
+    # issue 9 (9): the trained model answered only if the user typed the training template themselves
+    from minilora.data import generation_prompt
+
+    path = checkpoints["gemma2"][1]
+    tok = StubTokenizer(stop_ids=())
+    monkeypatch.setattr(ml.tokenizer, "Tokenizer", lambda _: tok)
+    model = gemma.from_pretrained(path)
+    ml.inject(model, ml.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5)
+    for fmt, template in (("alpaca", None), ("chat", None), ("template", "Q: {q}\nA: {a}")):
+        ml.save_adapter(model, tmp_path / "adapter", prompt={"format": fmt, "template": template})
+        main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "4", "Hi"])
+        formatted = generation_prompt("Hi", fmt, template, tok=tok)
+        assert formatted != "Hi" and capsys.readouterr().out == ml.generate(model, tok, formatted, 4) + "\n"
+        main(
+            [
+                "--model",
+                str(path),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--max-new-tokens",
+                "4",
+                "--raw",
+                "Hi",
+            ]
+        )
+        assert capsys.readouterr().out == ml.generate(model, tok, "Hi", 4) + "\n"

@@ -733,3 +733,13 @@ def test_real_lora_on_the_packed_model_exports_for_its_file(real_packed, tmp_pat
         f"blk.{i}.{n}.weight.lora_{x}" for i in (0, 17) for n in ("attn_q", "ffn_down") for x in "ab"
     ]
     assert tensors["blk.17.ffn_down.weight.lora_a"].data.shape == (2, 2048)
+
+
+def test_the_command_lines_say_when_they_convert_the_default_model(monkeypatch, tiny, tmp_path, caplog):
+    # issue 9 (9): nothing was printed during the ~20 s first-run conversion
+    from minilora.generate import main
+
+    _fake_package(monkeypatch, tiny[0])
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
+    main(["--max-new-tokens", "1", "hi"])
+    assert f"converting {tmp_path}" in caplog.text and "gemma-3-270m (once)" in caplog.text

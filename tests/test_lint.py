@@ -18,12 +18,14 @@ def test_ruff_check_and_format():
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_product_does_not_import_transformers_or_peft():
-    pattern = re.compile(r"^\s*(import|from)\s+(transformers|peft)\b", re.MULTILINE)
+def test_product_does_not_import_the_oracles():
+    pattern = re.compile(r"^\s*(import|from)\s+(transformers|peft|bitsandbytes)\b", re.MULTILINE)
     offenders = [
         str(p.relative_to(ROOT))
         for d in ("minilora", "kernels")
         for p in (ROOT / d).rglob("*.py")
         if pattern.search(p.read_text(encoding="utf-8"))
     ]
-    assert not offenders, f"minilora/ and kernels/ must not import transformers or peft: {offenders}"
+    assert not offenders, (
+        f"minilora/ and kernels/ must not import transformers, peft or bitsandbytes: {offenders}"
+    )

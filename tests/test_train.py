@@ -7,10 +7,13 @@ the same order from the same restored state (adapter, AdamW moments, RNG), so it
 compared with ==, not a tolerance.
 """
 
+import errno
+import itertools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +25,7 @@ import minilora
 from minilora.data import collate, tokenize
 from minilora.gemma import IGNORE_INDEX, Gemma
 from minilora.inject import lora_layers
-from minilora.train import TrainConfig, TrainingDiverged, evaluate, lr_at, train
+from minilora.train import TrainConfig, TrainingDiverged, _read_state, evaluate, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +76,11 @@ def data(n=24, seed=0):
 def cfg(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, lr=1e-2, warmup_steps=1, seed=0)
     return TrainConfig(**{**base, **kw})
+
+
+def checkpoint_state(ckpt):
+    """The trainer state of a checkpoint folder (step, train_s, optimizer, scaler)."""
+    return _read_state(ckpt / "trainer_state.safetensors")
 
 
 def metrics(run_dir, keys=("step", "loss", "lr", "eval_loss")):
@@ -187,7 +195,7 @@ def test_float16_with_grad_scaler_runs_and_resumes_exactly(tmp_path):
     train(tiny_model(), TOK, d, None, full)  # noqa: F821
     m = metrics(tmp_path / "full" / "run")
     assert [x["step"] for x in m] == [1, 2, 3, 4] and all(math.isfinite(x["loss"]) for x in m)
-    state = torch.load(tmp_path / "full" / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = checkpoint_state(tmp_path / "full" / "run" / "checkpoint")
     assert state["scaler"]["scale"] > 0  # the scaler's state is part of the checkpoint
 
     def stop_at_3(info):
@@ -253,7 +261,7 @@ def test_resume_from_the_old_checkpoint_after_a_crash_between_the_renames(tmp_pa
     (run / ".checkpoint.tmp").mkdir()
     train(tiny_model(), TOK, d, None, cfg(tmp_path / "cut", steps=4, save_every=2, resume=True))  # noqa: F821
     assert metrics(run) == metrics(tmp_path / "full" / "run")
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "adapter", "checkpoint", "metrics.jsonl"]
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(tmp_path):
@@ -324,7 +332,7 @@ def test_overwrite_removes_the_old_run_up_front(tmp_path):
 
     with pytest.raises(Interrupt):  # the new run dies before its first save
         train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, overwrite=True), callback=die)  # noqa: F821
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "metrics.jsonl"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -340,7 +348,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         TrainingDiverged, match=r"loss is nan at step 4[\s\S]*last good checkpoint .*checkpoint"
     ):
         train(model, TOK, data(8), None, cfg(tmp_path, steps=6, save_every=2), callback=poison)
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = checkpoint_state(tmp_path / "run" / "checkpoint")
     assert state["step"] == 2
     kept = minilora.read_adapter(tmp_path / "run" / "checkpoint")[1]
     assert all(torch.isfinite(t).all() for pair in kept.values() for t in pair.values())
@@ -365,7 +373,7 @@ def test_non_finite_gradient_stops_before_the_update_and_keeps_a_good_checkpoint
         assert all(torch.isfinite(p).all() for p in model.parameters())
         kept = minilora.read_adapter(out / "run" / "checkpoint")[1]
         assert all(torch.isfinite(t).all() for pair in kept.values() for t in pair.values())
-        assert torch.load(out / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+        assert checkpoint_state(out / "run" / "checkpoint")["step"] == 1
 
 
 WORKER = (
@@ -451,3 +459,161 @@ def test_train_gemma_example_on_the_real_model(tmp_path):
     with torch.no_grad():
         got = peft_model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- issue 9: nothing run from a run folder, nothing lost on Ctrl-C, a full disk or a second run
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: the proof that a pickle was run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_pickle_in_the_run_folder_is_never_run(tmp_path):
+    d, marker = data(8), tmp_path / "pwned"
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    ckpt = tmp_path / "run" / "checkpoint"
+    for name in ("trainer_state.pt", "rng_rank0.pt"):  # the files older minilora unpickled
+        torch.save(Payload(marker), ckpt / name)
+    with pytest.raises(ValueError, match=r"checkpoint/rng_rank0.pt is not listed in manifest.json"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+    (ckpt / "manifest.json").unlink()  # a run folder of the old layout: refused, not unpickled
+    with pytest.raises(ValueError, match=r"older minilora, in pickle files .* unpickling can run code"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["trainer_state.safetensors", "adapter_model.safetensors", "rng_rank0.safetensors"]
+)
+def test_a_flipped_byte_in_a_checkpoint_is_named(tmp_path, name):
+    d = data(8)
+    train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2))  # noqa: F821
+    path = tmp_path / "run" / "checkpoint" / name
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"checkpoint/{name} differs from its sha256 in manifest.json"):
+        train(tiny_model(), TOK, d, None, cfg(tmp_path, steps=2, resume=True))  # noqa: F821
+
+
+def test_every_rename_has_its_source_fsynced_before_and_its_folder_after(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))  # fmt: skip
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append(("rename", str(a), str(b))), real_replace(a, b))
+    )
+    train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=2, save_every=1))  # noqa: F821
+    renames = [(i, e) for i, e in enumerate(events) if e[0] == "rename" and not e[2].endswith(".old")]
+    assert len(renames) > 10
+    for i, (_, src, dst) in renames:
+        assert ("fsync", src) in events[:i], src  # the file or folder is on disk under its temp name
+        assert ("fsync", os.path.dirname(dst)) in events[i:], dst  # and the rename itself
+    assert ("fsync", str(tmp_path)) in events  # the run folder's own entry
+
+
+def test_ctrl_c_and_sigterm_finish_the_step_write_a_checkpoint_and_stop(tmp_path):
+    from minilora.train import TrainingInterrupted
+
+    d = data(12)
+    train(tiny_model(dropout=0.1), TOK, d, None, cfg(tmp_path / "full", steps=5))  # noqa: F821
+    handler = signal.getsignal(signal.SIGINT)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / signum.name
+        kill = lambda info, signum=signum: info["step"] == 2 and os.kill(os.getpid(), signum)
+        with pytest.raises(TrainingInterrupted, match=rf"stopped by {signum.name} after step 2") as e:
+            train(tiny_model(dropout=0.1), TOK, d, None, cfg(out, steps=5), callback=kill)  # noqa: F821
+        assert e.value.step == 2 and checkpoint_state(out / "run" / "checkpoint")["step"] == 2
+        assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
+        train(tiny_model(dropout=0.1), TOK, d, None, cfg(out, steps=5, resume=True))  # noqa: F821
+        assert metrics(out / "run") == metrics(tmp_path / "full" / "run")
+    twice = lambda info: info["step"] == 2 and [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)]
+    with pytest.raises(KeyboardInterrupt) as e:  # a second Ctrl-C stops at once
+        train(tiny_model(), TOK, d, None, cfg(tmp_path / "twice", steps=5), callback=twice)  # noqa: F821
+    assert not isinstance(e.value, TrainingInterrupted)
+
+
+def test_checkpoints_by_wall_time(tmp_path, monkeypatch):
+    import minilora.train as train_mod
+
+    clock = itertools.count(0, 50)  # each look at the clock: 50 s later
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: next(clock))
+    seen = []
+    look = lambda info: (
+        seen.append(checkpoint_state(tmp_path / "run" / "checkpoint")["step"]) if info["step"] > 2 else None
+    )
+    train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=6, save_every_minutes=1.5), callback=look)  # noqa: F821
+    assert seen == [2, 2, 4, 4]  # a checkpoint each 2 steps (100 s), none by step count
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_once(tmp_path):
+    # issue 9 (4): two runs with one out_dir interleaved metrics.jsonl and deleted each other's files
+    out = tmp_path / "run"
+    code = "import sys, pathlib; from minilora.train import run_lock\n"
+    code += "with run_lock(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FileExistsError, match=rf"{out} is in use by another run \(pid {holder.pid}"):
+            train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=2))  # noqa: F821
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing touched
+    finally:
+        holder.kill()  # a dead process's lock is stale: the next run takes it over
+        holder.wait()
+    train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=2))  # noqa: F821
+    assert (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.parametrize(
+    "field, value, valid",
+    [("lr", 0, "a number > 0"), ("lr", -1e-3, "a number > 0"), ("epochs", 0, "a number > 0"),
+     ("epochs", -1.0, "a number > 0"), ("eval_every", -1, "an integer >= 0"),
+     ("warmup_steps", -5, "an integer >= 0"), ("steps", 2.5, "an integer >= 1"),
+     ("batch_size", 0, "an integer >= 1"),
+     ("lr", float("nan"), "a number > 0"), ("save_every_minutes", -1, "a number >= 0"),
+     ("beta2", 1.5, r"in \[0, 1\]")],
+)  # fmt: skip
+def test_train_config_values_are_checked(field, value, valid):
+    with pytest.raises(ValueError, match=rf"TrainConfig.{field} must be {valid}, got"):
+        TrainConfig(**{field: value})
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_what_resumes(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def disk_full_at_the_second_checkpoint(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 3:  # the first checkpoint's 3 safetensors files were written
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_second_checkpoint)
+    with pytest.raises(
+        OSError,
+        match=r"No space left on device: .*\.safetensors; the last complete checkpoint is .*checkpoint",
+    ) as e:
+        train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=4, save_every=2))  # noqa: F821
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=4, save_every=2, resume=True))  # noqa: F821
+    train(tiny_model(), TOK, data(8), None, cfg(tmp_path / "full", steps=4, save_every=2))  # noqa: F821
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "full" / "run")
+
+
+def test_the_adapter_records_its_prompt_format(tmp_path):
+    result = train(tiny_model(), TOK, data(8), None, cfg(tmp_path, steps=1))  # noqa: F821
+    assert minilora.adapter.read_prompt(result["adapter_dir"]) == {
+        "format": "prompt_completion",
+        "template": None,
+    }

@@ -2,6 +2,10 @@
 
     python -m minilora.generate --model DIR [--adapter DIR] [--max-new-tokens N] [--temperature T] "prompt"
 
+With --adapter, the prompt is put in the format the adapter was trained with (save_adapter's
+minilora_prompt.json, which minilora.train writes: a chat turn, Alpaca's instruction, a template);
+--raw sends it as it is.
+
 Greedy when temperature is 0; otherwise softmax(logits / temperature) restricted to the top_k
 most likely tokens and/or the smallest set whose probability reaches top_p (nucleus sampling,
 Holtzman et al. 2019). Generation stops at any of the tokenizer's stop ids (<eos>, <end_of_turn>).
@@ -132,23 +136,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn of the chat template")
+    p.add_argument("--raw", action="store_true", help="send the prompt as it is, not in the adapter's format")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
     import minilora
     from minilora import gemma, tokenizer
+    from minilora.data import generation_prompt
 
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("minilora.gguf").setLevel(logging.INFO)  # the first run's model conversion
     model_dir = args.model
     if model_dir is None:
         from minilora.gguf import default_model_dir
 
         model_dir = default_model_dir()
     model = gemma.from_pretrained(model_dir, dtype=args.dtype, device=args.device)
-    if args.adapter:
-        minilora.load_adapter(model, args.adapter)
     tok = tokenizer.Tokenizer(model_dir)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    if args.adapter:
+        minilora.load_adapter(model, args.adapter)
+        trained = minilora.adapter.read_prompt(args.adapter)
+        if trained and not (args.raw or args.chat):
+            prompt = generation_prompt(args.prompt, trained["format"], trained.get("template"), tok=tok)
     text = generate(
         model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
     )
