@@ -743,3 +743,42 @@ def test_the_command_lines_say_when_they_convert_the_default_model(monkeypatch, 
     monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
     main(["--max-new-tokens", "1", "hi"])
     assert f"converting {tmp_path}" in caplog.text and "gemma-3-270m (once)" in caplog.text
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_applies_the_exported_adapter_as_minilora_does(real_packed, tmp_path):
+    """llama.cpp (where llama-cpp-python is installed; README.md) runs the real Q4_K_M file with an
+    exported adapter and moves the last-position logits as minilora's packed model does. Not exactly:
+    llama.cpp rounds activations to 8 bits before its quantized products (benchmarks/check_llama_cpp.py
+    measures the gap over several prompts and a trained adapter)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import copy
+
+    import torch
+
+    reader, model = real_packed
+    model = copy.deepcopy(model)  # the fixture's model stays without LoRA
+    minilora.inject(model, minilora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B, std=0.01)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    lora = mg.export_adapter(tmp_path / "adapter", tmp_path / "adapter.gguf", base=reader)
+    ids = minilora.Tokenizer(reader.path).encode("The capital of France is")
+
+    def llama(**kw):
+        llm = llama_cpp.Llama(model_path=str(reader.path), n_ctx=64, n_threads=2, logits_all=True,
+                              verbose=False, **kw)  # fmt: skip
+        llm.eval(ids)
+        return np.array(llm.scores[len(ids) - 1])
+
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0, -1].numpy()
+        with minilora.disabled(model):
+            base = model(torch.tensor([ids]))[0, -1].numpy()
+    theirs, theirs_base = llama(lora_path=str(lora)), llama()
+    tolerance = 1.0  # as benchmarks/check_llama_cpp.py's, on logits spanning about -30 .. 30
+    assert np.abs(theirs_base - base).max() < tolerance
+    assert np.abs(ours - base).max() > 3 * tolerance  # the adapter matters ...
+    assert np.abs(theirs - ours).max() < tolerance  # ... and llama.cpp applies it as minilora does
+    assert theirs.argmax() == ours.argmax()
