@@ -761,13 +761,13 @@ def test_real_llama_cpp_applies_the_exported_adapter_as_minilora_does(real_packe
     minilora.inject(model, minilora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
     for _, m in lora_layers(model):
-        torch.nn.init.normal_(m.lora_B, std=0.01)
+        torch.nn.init.normal_(m.lora_B, std=0.05)
     minilora.save_adapter(model, tmp_path / "adapter")
     lora = mg.export_adapter(tmp_path / "adapter", tmp_path / "adapter.gguf", base=reader)
     ids = minilora.Tokenizer(reader.path).encode("The capital of France is")
 
     def llama(**kw):
-        llm = llama_cpp.Llama(model_path=str(reader.path), n_ctx=64, n_threads=2, logits_all=True,
+        llm = llama_cpp.Llama(model_path=str(reader.path), n_ctx=64, n_threads=1, logits_all=True,
                               verbose=False, **kw)  # fmt: skip
         llm.eval(ids)
         return np.array(llm.scores[len(ids) - 1])
@@ -777,8 +777,8 @@ def test_real_llama_cpp_applies_the_exported_adapter_as_minilora_does(real_packe
         with minilora.disabled(model):
             base = model(torch.tensor([ids]))[0, -1].numpy()
     theirs, theirs_base = llama(lora_path=str(lora)), llama()
-    tolerance = 1.0  # as benchmarks/check_llama_cpp.py's, on logits spanning about -30 .. 30
+    tolerance = 2.0  # benchmarks/check_llama_cpp.py's for 8-bit activations (logits span about -30 .. 30)
     assert np.abs(theirs_base - base).max() < tolerance
-    assert np.abs(ours - base).max() > 3 * tolerance  # the adapter matters ...
+    assert np.abs(ours - base).max() > 2 * tolerance  # the adapter matters ...
     assert np.abs(theirs - ours).max() < tolerance  # ... and llama.cpp applies it as minilora does
     assert theirs.argmax() == ours.argmax()
