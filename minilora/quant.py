@@ -158,11 +158,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     return state.dequantize(packed, dtype)
 
 
-class QuantState(nn.Module):
-    """What turns a packed 4-bit weight back into W: bnb's tensors as buffers (absmax: float32, or uint8
-    codes with nested_absmax / nested_quant_map when double-quantized; quant_map: the 16-entry table)
-    and its JSON fields in `meta`. A module, so its buffers follow .to(device); never a dtype cast
-    (their float32 values are the format), but the dtype W dequantizes to by default does."""
+class PackedState(nn.Module):
+    """What turns a frozen packed weight back into W: the format's tensors as buffers and its fields
+    in `meta`, at least `shape` (W's) and `dtype` (the dtype W dequantizes to by default). A module, so
+    its buffers follow .to(device); never a dtype cast (their values are the format), but the default
+    dtype follows model.to(dtype), as a bias would. Two formats share this one design (the frozen
+    layer, linear_4bit, LoRA over it): QuantState, bitsandbytes' 4-bit, and minilora.ggml.BlockState,
+    GGUF's block formats (llama.cpp), whose scales live inside the packed bytes."""
 
     def __init__(self, meta: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -170,11 +172,34 @@ class QuantState(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
-    quant_type = property(lambda self: self.meta["quant_type"])
-    blocksize = property(lambda self: self.meta["blocksize"])
     shape = property(lambda self: torch.Size(self.meta["shape"]))
     dtype = property(lambda self: _DTYPES[self.meta["dtype"]])
+
+    def dequantize(self, packed: torch.Tensor, dtype: torch.dtype | None = None, out=None) -> torch.Tensor:
+        """W (shape) in `dtype` (default: self.dtype), into `out` if given."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        for name, t in self._buffers.items():
+            moved = fn(t)
+            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        if dtype in _DTYPES.values():  # model.to(bfloat16): W dequantizes to bfloat16, as the bias is cast
+            self.meta["dtype"] = str(dtype)[6:]
+        return self
+
+
+class QuantState(PackedState):
+    """bitsandbytes' 4-bit state: its tensors as buffers (absmax: float32, or uint8 codes with
+    nested_absmax / nested_quant_map when double-quantized; quant_map: the 16-entry table) and its
+    JSON fields in `meta`."""
+
+    quant_type = property(lambda self: self.meta["quant_type"])
+    blocksize = property(lambda self: self.meta["blocksize"])
     nested = property(lambda self: "nested_offset" in self.meta)
+
+    def extra_repr(self) -> str:
+        return f"{self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested}"
 
     def absmax_float32(self) -> torch.Tensor:
         """Per-block absmax; double-quantized: dynamic[a] * nested_absmax + offset, rounded twice."""
@@ -271,19 +296,12 @@ class QuantState(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         pass  # read by load_quant_state, the pre-hook of the module that holds the weight
 
-    def _apply(self, fn, recurse=True):
-        for name, t in self._buffers.items():
-            moved = fn(t)
-            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        dtype = fn(torch.empty(0, dtype=self.dtype, device=self.absmax.device)).dtype
-        if dtype in _DTYPES.values():  # model.to(bfloat16): W dequantizes to bfloat16, as the bias is cast
-            self.meta["dtype"] = str(dtype)[6:]
-        return self
-
 
 def load_quant_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Load-state-dict pre-hook of a module holding a packed `weight` and its `quant_state` (Linear4bit,
     LoRALinear over one): reads bnb's `weight.*` keys into the QuantState after checking them."""
+    if not isinstance(module.quant_state, QuantState):
+        return  # GGUF's block formats: the scales are inside `weight`, which loads as it is
     where = prefix + "weight"
     tensors = {k[len(where) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(where + ".")}
     known = (*_TENSOR_KEYS, "quant_state.bitsandbytes__")
@@ -313,7 +331,7 @@ def load_quant_state(module, state_dict, prefix, local_metadata, strict, missing
 _scratch: dict[tuple, torch.Tensor] = {}
 
 
-def _dense(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+def _dense(packed: torch.Tensor, state: PackedState, dtype: torch.dtype) -> torch.Tensor:
     """W for one GEMM. On CUDA in a flat buffer that every layer reuses (per device, stream, dtype):
     the next layer's dequantization overwrites it only after this GEMM, queued on the same stream."""
     if not packed.is_cuda or dtype not in _DTYPES.values():
@@ -325,8 +343,9 @@ def _dense(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch
 
 
 class Linear4bitFunction(torch.autograd.Function):
-    """y = x @ W.T + b, W dequantized from its 4-bit state and frozen (no gradient). Saves the packed
-    weight (and holds the small state), never a dense W: backward dequantizes again, dx = dy @ W."""
+    """y = x @ W.T + b, W dequantized from its packed state (a PackedState) and frozen (no gradient).
+    Saves the packed weight (and holds the small state), never a dense W: backward dequantizes again,
+    dx = dy @ W."""
 
     @staticmethod
     def forward(ctx, x, packed, bias, state):
@@ -342,7 +361,7 @@ class Linear4bitFunction(torch.autograd.Function):
         return dx, None, db, None
 
 
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: PackedState, bias: torch.Tensor | None = None):
     """x @ W.T + bias in x's dtype (in the autocast dtype under autocast), W from (packed, state)."""
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
@@ -351,12 +370,13 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
 
 
 class Linear4bit(nn.Linear):
-    """A frozen nn.Linear whose weight is 4-bit: `weight` is the packed uint8 Parameter (no gradient),
-    `quant_state` its QuantState. The state dict has bitsandbytes' keys (`weight`, `weight.absmax`, ...,
-    `bias`): state_dict() exports a bnb checkpoint's tensors, load_state_dict() reads them. An
-    nn.Linear, so that inject(), "all-linear" and load_adapter() take it as one."""
+    """A frozen nn.Linear whose weight is packed: `weight` is the uint8 Parameter (no gradient),
+    `quant_state` its PackedState: a QuantState (4-bit) or a GGUF BlockState (minilora.ggml). With a
+    QuantState the state dict has bitsandbytes' keys (`weight`, `weight.absmax`, ..., `bias`):
+    state_dict() exports a bnb checkpoint's tensors, load_state_dict() reads them. An nn.Linear, so
+    that inject(), "all-linear" and load_adapter() take it as one."""
 
-    def __init__(self, packed: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None):
+    def __init__(self, packed: torch.Tensor, quant_state: PackedState, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)  # not nn.Linear's: no dense weight is ever allocated
         self.out_features, self.in_features = quant_state.shape
         self.weight = nn.Parameter(packed, requires_grad=False)
@@ -391,10 +411,6 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_4bit(x, self.weight, self.quant_state, self.bias)
-
-    def extra_repr(self) -> str:
-        q = self.quant_state
-        return f"{super().extra_repr()}, {q.quant_type}, blocksize={q.blocksize}, double_quant={q.nested}"
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", *, skip=(), blocksize=64, double_quant=True):

@@ -31,7 +31,8 @@ _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
 class Tokenizer:
     """SentencePiece tokenizer with Gemma's special tokens and chat template.
 
-    `Tokenizer(path)` takes a checkpoint folder holding `tokenizer.model`, or the model file itself.
+    `Tokenizer(path)` takes a checkpoint folder holding `tokenizer.model`, the model file itself, or a
+    GGUF file (whose metadata holds the tokenizer).
     """
 
     def __init__(self, dir_or_model_file: str | os.PathLike):
@@ -40,13 +41,18 @@ class Tokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(
                 f"no SentencePiece model at {model_file}: pass a checkpoint folder that holds "
-                "tokenizer.model (minilora.gguf.default_model_dir() makes one for Gemma 3 270M) "
-                "or the path of a .model file"
+                "tokenizer.model (minilora.gguf.default_model_dir() makes one for Gemma 3 270M), "
+                "the path of a .model file or a .gguf file"
             )
         import sentencepiece as spm  # needed here only: `import minilora` works without it
 
         self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        if model_file.suffix == ".gguf":  # the tokenizer in a GGUF file's metadata
+            from minilora.gguf import GGUFFile, sentencepiece_model
+
+            self.sp = spm.SentencePieceProcessor(model_proto=sentencepiece_model(GGUFFile(model_file)))
+        else:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.vocab_size: int = self.sp.get_piece_size()
 
         self.pad_id: int = self.sp.pad_id()

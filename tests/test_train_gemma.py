@@ -200,7 +200,7 @@ def test_a_full_disk_stops_the_run_by_name_and_its_checkpoint_resumes_exactly(se
         (["--r", "0"], "--r must be a positive integer, got 0"),
         (["--dropout", "1"], r"--dropout must be a number in \[0, 1\), got 1.0"),
         (["--data", "missing.jsonl"], "no data file missing.jsonl"),
-        (["--model", "missing"], "--model missing is not a folder"),
+        (["--model", "missing"], "--model missing is neither a .gguf file nor a folder"),
         (["--template", "no field"], r"template .no field. has no \{field\} placeholder"),
         (["--resume"], r"--resume: .*/run holds no checkpoint to continue"),
     ],

@@ -1,0 +1,118 @@
+"""GGUF's block formats kept packed (minilora/ggml.py): dequantization bit for bit against the `gguf`
+package (llama.cpp's own numpy reference), and the frozen layers built on them (Linear4bit with a
+BlockState, the packed embedding and tied head, LoRA over them) against dense PyTorch."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minilora as ml
+from minilora import ggml
+from minilora.ggml import BLOCK_TYPES, DENSE_TYPES, BlockState, Embedding, dequantize
+from minilora.quant import Linear4bit, Linear4bitFunction
+
+gguf = pytest.importorskip("gguf")
+SCALE_OFFSETS = {8: (0,), 2: (0,), 6: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}  # float16 d, dmin
+
+
+def random_packed(ggml_type, rows, blocks_per_row, seed=0, extremes=True):
+    """Random blocks: every bit pattern of the quants; float16 scales of mixed sign and size, with a
+    zero, a subnormal and a large one (`extremes`)."""
+    g = np.random.default_rng(seed)
+    _, values, size = BLOCK_TYPES[ggml_type]
+    b = g.integers(0, 256, (rows * blocks_per_row, size), dtype=np.uint8)
+    for off in SCALE_OFFSETS[ggml_type]:
+        d = (g.standard_normal(len(b)) * 10.0 ** g.integers(-4, 1, len(b))).astype(np.float16)
+        d[:3] = [0.0, 6e-8, 300.0] if extremes else d[:3]
+        b[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(BLOCK_TYPES), ids=lambda t: BLOCK_TYPES[t][0])
+def test_dequantize_bit_exact_with_gguf(ggml_type):
+    packed = random_packed(ggml_type, rows=7, blocks_per_row=3)
+    ref = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType(ggml_type))
+    ours = dequantize(torch.from_numpy(packed), ggml_type)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert np.array_equal(ours.numpy().view(np.uint32), ref.view(np.uint32))  # bits, incl. -0.0
+    # the compute dtype: the float32 values rounded once; leading dims are rows (a lookup)
+    rows = torch.tensor([[2, 0], [6, 6]])
+    bf16 = dequantize(torch.from_numpy(packed)[rows], ggml_type, torch.bfloat16)
+    assert torch.equal(bf16, torch.from_numpy(ref)[rows].bfloat16())
+
+
+@pytest.mark.parametrize("ggml_type", sorted(DENSE_TYPES), ids=lambda t: DENSE_TYPES[t][0])
+def test_dense_types_as_gguf(ggml_type):
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    stored = gguf.quants.quantize(x, gguf.GGMLQuantizationType(ggml_type))
+    raw = torch.from_numpy(np.ascontiguousarray(stored).view(np.uint8).reshape(5, -1))
+    ref = gguf.quants.dequantize(stored, gguf.GGMLQuantizationType(ggml_type))
+    assert np.array_equal(dequantize(raw, ggml_type).numpy(), ref)
+
+
+def packed_linear(ggml_type=12, out=24, blocks=2, seed=0):
+    packed = torch.from_numpy(random_packed(ggml_type, out, blocks, seed, extremes=False))
+    state = BlockState(ggml_type, (out, blocks * BLOCK_TYPES[ggml_type][1]))
+    return Linear4bit(packed, state)
+
+
+def test_packed_linear_is_dense_linear_and_saves_only_the_packed_weight():
+    layer = packed_linear()
+    W = layer.dequantize()  # (24, 512)
+    x = torch.randn(3, 5, 512, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, W))
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8  # never a dense W
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(dx, torch.ones(3, 5, 24) @ W)
+    assert not layer.weight.requires_grad and "Q4_K" in repr(layer)
+    xd = torch.randn(2, 512, dtype=torch.float64, requires_grad=True)
+    fn = lambda x: Linear4bitFunction.apply(x, layer.weight, None, layer.quant_state)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xd,))  # dequantized to float64 (exact from float32)
+
+
+def test_packed_linear_follows_model_dtype_and_autocast():
+    layer = packed_linear(ggml_type=6, blocks=16)  # (24, 512)
+    W = layer.dequantize()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.uint8 and layer.quant_state.dtype == torch.bfloat16
+    x = torch.randn(4, 512)
+    assert torch.equal(layer(x.bfloat16()), F.linear(x.bfloat16(), W.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_lora_over_packed_linear_is_the_equation_and_keeps_its_state_dict():
+    layer = packed_linear(ggml_type=14)
+    W = layer.dequantize()
+    lora = ml.LoRALinear(layer, r=4, alpha=8)
+    torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(lora(x), x @ W.T + 2.0 * (x @ lora.lora_A.T) @ lora.lora_B.T)
+    assert torch.equal(lora.merged_weight(), (W + lora.delta_weight()))
+    with pytest.raises(ValueError, match="cannot merge into a 4-bit base"):
+        lora.merge()
+    state = lora.state_dict()
+    assert sorted(state) == ["lora_A", "lora_B", "weight"]  # the blocks carry their own scales
+    fresh = ml.LoRALinear(packed_linear(ggml_type=14, seed=1), r=4, alpha=8)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.base_weight(), W) and torch.equal(fresh(x), lora(x))
+
+
+def test_packed_embedding_lookup_and_tied_head_in_chunks(monkeypatch):
+    monkeypatch.setattr(ggml, "HEAD_VALUES", 7 * 64)  # 30 rows: chunks of 7, 7, 7, 7, 2
+    packed = torch.from_numpy(random_packed(8, 30, 2, extremes=False))
+    emb = Embedding(packed, BlockState(8, (30, 64)))
+    W = emb.dequantize()
+    ids = torch.tensor([[3, 29, 3], [0, 1, 2]])
+    assert torch.equal(emb(ids), W[ids])
+    assert torch.equal(emb.dequantize(start=5, stop=9), W[5:9])
+    h = torch.randn(2, 3, 64, requires_grad=True)
+    logits = emb.head(h)
+    close = dict(rtol=1e-5, atol=1e-3)  # |logits| ~ 50: float32 sums in another order per chunk
+    torch.testing.assert_close(logits, h @ W.T, **close)
+    assert all(t.dtype == torch.uint8 for t in logits.grad_fn.next_functions[0][0].saved_tensors)
+    (dh,) = torch.autograd.grad((logits * logits).sum(), h)
+    torch.testing.assert_close(dh, 2 * (h @ W.T) @ W, rtol=1e-5, atol=1e-1)
