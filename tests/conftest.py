@@ -50,3 +50,13 @@ def _auto_is_float32_on_every_cpu(request, monkeypatch):
         import minilora.cpu
 
         monkeypatch.setattr(minilora.cpu, "fast_bf16", lambda: (False, "the tests run float32"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP's thread team costs more than it gives. For a module:
+    pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -89,13 +89,7 @@ def metrics(run_dir, keys=("step", "loss", "lr", "eval_loss")):
     return [{k: m[k] for k in keys if k in m} for m in lines]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on 2 shared cores: OpenMP's thread team costs more than it gives.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
