@@ -98,7 +98,9 @@ def parse_args(argv=None):
         "--packing", action="store_true", help="concatenate examples into rows of --max-len (batch = rows)"
     )
     p.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bf16 on a GPU), float32, bfloat16, float16"
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPU; bf16 on a GPU, float16 on one without bf16), float32, bfloat16, float16",
     )
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(

@@ -211,21 +211,24 @@ def _gelu_approximate(model_type: str, hf: dict) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": bf16 on a CUDA GPU that supports it, float32 elsewhere (CPUs here have no fast
-    bf16; fp16 overflows Gemma's activations). float16 on a CPU is allowed, with a warning."""
+    """ "auto": bf16 on a CUDA GPU that supports it, float16 on one that does not (T4, V100: float16
+    compute, gemma.py's docstring), float32 elsewhere (CPUs here have no fast bf16). float16 on a CPU
+    is allowed, with a warning."""
     named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
     if dtype == "auto":
         gpu_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if gpu_bf16 else torch.float32
+        if torch.device(device).type == "cuda" and not gpu_bf16:
+            dtype = torch.float16
     elif not isinstance(dtype, torch.dtype):
         if dtype not in named:
             raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")
         dtype = named[dtype]
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         warnings.warn(
-            "float16 on a CPU: CPUs have no fast float16 matmul (several times slower than float32) and "
-            "Gemma's activations overflow float16's range (NaN losses); use float32 or bfloat16",
+            "float16 on a CPU: CPUs have no fast float16 matmul (several times slower than float32); "
+            "float16 is for GPUs without bfloat16 (T4, V100). Use float32 or bfloat16",
             stacklevel=1,  # one location: the warning shows once, however many callers resolve the dtype
         )
     return dtype
