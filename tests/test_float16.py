@@ -97,6 +97,17 @@ def test_naive_float16_overflows_on_these_inputs(kind, monkeypatch):
         assert not torch.isfinite(half(ids_for(), ids_for()))
 
 
+def test_float16_kv_cache_decoding_equals_the_full_forward():
+    """Generation's path: prefill, then one token at a time through the cache (float16 keys and values,
+    float32 residual stream) gives the logits of one full float16 forward."""
+    half = tiny("gemma3").half()
+    ids = ids_for(B=1, T=12)
+    cache = half.new_cache()
+    with torch.no_grad():
+        steps = [half(ids[:, :6], cache=cache)] + [half(ids[:, t : t + 1], cache=cache) for t in range(6, 12)]
+        assert_close16(torch.cat(steps, dim=1), half(ids), units=2)
+
+
 def test_float16_from_pretrained_with_a_4bit_base_equals_float32(tmp_path):
     """from_pretrained(dtype=float16, quantize="nf4"): NF4 weights dequantized to float16 compute,
     against the float32 model of the same 4-bit folder (the same codes: the weights are float16's)."""
