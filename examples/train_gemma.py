@@ -108,8 +108,8 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--dtype", default="auto",
-        help="auto (a GPU: bf16; a CPU: bf16 base weights where it has fast bf16 (AMX, AVX-512-BF16), "
-        "float32 elsewhere; adapters stay float32), float32, bfloat16, float16",
+        help="auto (a GPU: bf16, float16 on one without bf16; a CPU: bf16 base weights where it has fast "
+        "bf16 (AMX, AVX-512-BF16), float32 elsewhere; adapters stay float32), float32, bfloat16, float16",
     )  # fmt: skip
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(

@@ -212,15 +212,17 @@ def _gelu_approximate(model_type: str, hf: dict) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": bf16 on a CUDA GPU that supports it; on a CPU, bf16 where it has fast bf16 matrix
-    instructions (minilora.cpu.fast_bf16: AMX or AVX-512-BF16, confirmed by a micro-benchmark),
-    float32 elsewhere (fp16 overflows Gemma's activations). float16 on a CPU is allowed, with a
-    warning."""
+    """ "auto": bf16 on a CUDA GPU that supports it, float16 on one that does not (T4, V100: float16
+    compute, gemma.py's docstring); on a CPU, bf16 where it has fast bf16 matrix instructions
+    (minilora.cpu.fast_bf16: AMX or AVX-512-BF16, confirmed by a micro-benchmark), float32 elsewhere.
+    float16 on a CPU is allowed, with a warning."""
     named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
     if dtype == "auto":
         gpu_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if gpu_bf16 else torch.float32
+        if torch.device(device).type == "cuda" and not gpu_bf16:
+            dtype = torch.float16
         if torch.device(device).type == "cpu" and cpu.fast_bf16()[0]:
             dtype = torch.bfloat16
     elif not isinstance(dtype, torch.dtype):
@@ -229,8 +231,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         dtype = named[dtype]
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         warnings.warn(
-            "float16 on a CPU: CPUs have no fast float16 matmul (several times slower than float32) and "
-            "Gemma's activations overflow float16's range (NaN losses); use float32 or bfloat16",
+            "float16 on a CPU: CPUs have no fast float16 matmul (several times slower than float32); "
+            "float16 is for GPUs without bfloat16 (T4, V100). Use float32 or bfloat16",
             stacklevel=1,  # one location: the warning shows once, however many callers resolve the dtype
         )
     return dtype

@@ -10,6 +10,13 @@ The generations differ only in flags of GemmaConfig, named for the mechanism (sa
 qk_norm, attn_logit_softcapping, final_logit_softcapping, sliding_layers, rope bases and scaling,
 query_pre_attn_scalar); the model never asks which generation it is.
 
+Float16 (GPUs without bfloat16: T4, V100). Gemma's residual stream outgrows float16: in the real
+270M it reaches ~1.0e5 by layer 14, past float16's 65,504. With float16 weights the matmuls (and the
+LoRA products) run in float16 and these float32 islands keep what would overflow or lose precision:
+the residual stream h (`stream_dtype`), the post-norms that write into it, every RMSNorm's
+statistics (in every dtype), the attention softmax and soft-caps, the logits and the loss. The
+norms that feed a matmul return float16. Float32 and bfloat16 (float32's range) run as they are.
+
 Module names are Hugging Face's (`model.layers.3.self_attn.q_proj`), so the state dict's keys are
 the checkpoint's keys and adapters get peft's names. The output head is the embedding matrix
 (tied weights): there is no lm_head module.
@@ -89,6 +96,11 @@ class GemmaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+
+
+def stream_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The residual stream's dtype for the compute dtype: float32 for float16, else the same."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class RMSNorm(nn.Module):
@@ -180,7 +192,7 @@ def _attend_block(q, k, v, mask, scale: float, cap: float | None, causal: bool =
     # softmax. Query heads are grouped over their shared key/value head (no copy of k, v).
     (B, nh, T, hd), (nkv, S) = q.shape, k.shape[1:3]
     att = q.view(B, nkv, nh // nkv, T, hd) @ k.unsqueeze(2).transpose(-2, -1)  # (B, nkv, rep, T, S)
-    att = softcap(att.view(B, nh, T, S) * scale, cap)  # (B, nh, T, S)
+    att = softcap(att.view(B, nh, T, S).to(stream_dtype(q.dtype)) * scale, cap)  # (B, nh, T, S)
     acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in float32 at least
     att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1, dtype=acc).to(q.dtype)
     return (att.view(B, nkv, nh // nkv, T, S) @ v.unsqueeze(2)).view(B, nh, T, hd)  # (B, nh, T, hd)
@@ -282,13 +294,15 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(d, eps)
 
     def forward(self, h, cos, sin, pos: int, cache: KVCache | None = None, seg: torch.Tensor | None = None):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, pos, cache, seg)
-        if self.sandwich:
-            h = h + self.post_attention_layernorm(a)
-            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        dt = self.input_layernorm.weight.dtype  # the matmuls'; h is float32 under float16 (docstring)
+        a = self.self_attn(self.input_layernorm(h).to(dt), cos, sin, pos, cache, seg)
+        if self.sandwich:  # the post-norms read and return h's dtype: their outputs outgrow float16 too
+            h = h + self.post_attention_layernorm(a.to(h.dtype))
+            m = self.mlp(self.pre_feedforward_layernorm(h).to(dt))
+            h = h + self.post_feedforward_layernorm(m.to(h.dtype))
         else:
             h = h + a
-            h = h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self.mlp(self.post_attention_layernorm(h).to(dt))
         return h
 
 
@@ -329,8 +343,9 @@ class Gemma(nn.Module):
         B, T = input_ids.shape
         pos = cache.seen if cache is not None else 0
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
+        dt = h.dtype  # the compute dtype; the residual stream is stream_dtype(dt)
         # sqrt(d) rounded to the activation dtype first, as the reference does (55.5 in bf16 for d=3072).
-        h = h * torch.tensor(c.hidden_size**0.5, dtype=h.dtype)
+        h = h.to(stream_dtype(dt)) * torch.tensor(c.hidden_size**0.5, dtype=dt)
         seg = None if positions is None else (positions == 0).cumsum(dim=1)  # (B, T) example index
         if positions is None:
             positions = torch.arange(pos, pos + T, device=input_ids.device)[None]  # (1, T)
@@ -339,7 +354,7 @@ class Gemma(nn.Module):
             False: (c.rope_theta, c.rope_scaling_factor),
             True: (c.rope_local_base_freq, c.rope_local_scaling_factor),
         }
-        rope = {kind: rope_cos_sin(positions[:, None], c.head_dim, *bases[kind], h.dtype) for kind in bases}
+        rope = {kind: rope_cos_sin(positions[:, None], c.head_dim, *bases[kind], dt) for kind in bases}
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope[c.sliding_layers[i]]  # (B or 1, 1, T, hd)
@@ -349,7 +364,7 @@ class Gemma(nn.Module):
                 h = layer(h, cos, sin, pos, cache, seg)
         if cache is not None:
             cache.seen += T
-        h = self.model.norm(h)  # (B, T, d)
+        h = self.model.norm(h).to(dt)  # (B, T, d)
 
         if labels is None:
             return self.head(h[:, -1:] if last_logits_only else h)

@@ -757,5 +757,5 @@ def test_a_header_entry_without_data_offsets_is_named(tmp_path):
 
 def test_float16_on_a_cpu_warns_why(tmp_path):
     _, path = checkpoint(tmp_path, "gemma1-mqa")
-    with pytest.warns(UserWarning, match=r"float16 on a CPU: .* slower .* overflow float16"):
+    with pytest.warns(UserWarning, match=r"float16 on a CPU: .* slower .* GPUs without bfloat16"):
         gemma.from_pretrained(path, dtype="float16")
