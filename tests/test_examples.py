@@ -52,7 +52,7 @@ def test_readme_gemma_example_runs(tmp_path, monkeypatch, capsys):
 
 def test_readme_says_what_the_default_model_is_and_where_a_runs_files_are():
     # issue 9 (9): a newcomer's chat-format task on the default model needed more steps than expected
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "It is the *pretrained* Gemma 3 270M, not\nthe instruction-tuned one" in readme
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())  # lines joined
+    assert "It is the *pretrained* Gemma 3 270M, not the instruction-tuned one" in readme
     for name in ("`args.json`", "`metrics.jsonl`", "`checkpoint/`", "`adapter/`", "`runs/train_gemma`"):
         assert name in readme.split("The run's files are in `--out`")[1][:600], name
