@@ -219,12 +219,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     named = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
     if dtype == "auto":
-        gpu_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if gpu_bf16 else torch.float32
-        if torch.device(device).type == "cuda" and not gpu_bf16:
-            dtype = torch.float16
-        if torch.device(device).type == "cpu" and cpu.fast_bf16()[0]:
-            dtype = torch.bfloat16
+        kind = torch.device(device).type
+        if kind == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if kind == "cpu" and cpu.fast_bf16()[0] else torch.float32
     elif not isinstance(dtype, torch.dtype):
         if dtype not in named:
             raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(named)} or a torch.dtype")
