@@ -373,9 +373,9 @@ class Gemma(nn.Module):
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
         # Position t predicts token t + 1; the head runs only where that label counts, in chunks.
-        # A packed GGUF embedding is dequantized for the loss (frozen; freed after it).
+        # A packed GGUF embedding goes in as it is: the loss dequantizes it a chunk of rows at a time.
         emb, cap = self.model.embed_tokens, c.final_logit_softcapping
-        weight = emb.weight if isinstance(emb, nn.Embedding) else emb.dequantize(h.dtype)
+        weight = emb.weight if isinstance(emb, nn.Embedding) else emb
         return linear_cross_entropy(h[:, :-1], weight, labels[:, 1:], cap)  # mean over the labels
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

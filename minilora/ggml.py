@@ -155,8 +155,18 @@ class Embedding(nn.Module):
         """Rows start:stop of W (all by default) in `dtype` (default: the model's)."""
         return self.quant_state.dequantize(self.weight[start:stop], dtype)
 
+    def _row_chunks(self) -> list[torch.Tensor]:
+        rows = max(1, HEAD_VALUES // self.embedding_dim)
+        return [self.weight[i : i + rows] for i in range(0, self.num_embeddings, rows)]
+
+    def chunks(self, dtype: torch.dtype):
+        """(first row, those rows of W in dtype), chunk by chunk: the fused loss's head."""
+        start = 0
+        for c in self._row_chunks():
+            yield start, self.quant_state.dequantize(c, dtype)
+            start += c.shape[0]
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., d) @ W.T -> (..., vocab) in h's dtype, W dequantized chunk by chunk."""
-        rows = max(1, HEAD_VALUES // self.embedding_dim)
-        chunks = [self.weight[i : i + rows] for i in range(0, self.num_embeddings, rows)]
+        chunks = self._row_chunks()
         return torch.cat([linear_4bit(h, c, self.quant_state.rows(c.shape[0])) for c in chunks], -1)

@@ -11,6 +11,10 @@ cross-entropy (Hsu et al. 2024, arXiv:2410.10989); Cut Cross-Entropy (Wijmans et
 arXiv:2411.09009) instead keeps the per-row logsumexp and recomputes the logits in the backward:
 the same memory (dh is the size of the h it would keep) for one more vocabulary-wide product,
 the step's largest on a CPU, so minilora takes the first.
+
+A head kept packed (a GGUF file's embedding, minilora.ggml.Embedding: frozen) is never dequantized
+whole: each chunk of rows reads it a slice of vocabulary rows at a time, once for the logits and
+once for dh = dz W.
 """
 
 from __future__ import annotations
@@ -23,22 +27,23 @@ CHUNK_BYTES = 512 << 20  # a chunk's temporaries: two float32 (rows, vocab) tens
 
 def linear_cross_entropy(
     h: torch.Tensor,
-    weight: torch.Tensor,
+    weight,
     targets: torch.Tensor,
     softcap: float | None = None,
     *,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of softcap(h @ weight.T) against targets, over the targets that are not
-    -100 (only those rows reach the head). h (..., d), weight (vocab, d), targets (...,); float32
-    (float64 for float64 inputs). chunk_size: rows per chunk (default: from CHUNK_BYTES). No
+    -100 (only those rows reach the head). h (..., d), weight (vocab, d) or a frozen packed head
+    (with num_embeddings and chunks(dtype)), targets (...,); float32 (float64 for float64 inputs). chunk_size: rows per chunk (default: from CHUNK_BYTES). No
     target at all: a zero that still belongs to the graph."""
     keep = targets != IGNORE_INDEX
     if not keep.any():
         return h.sum() * 0.0
     h, targets = h[keep], targets[keep]  # (N, d), (N,)
-    chunk = chunk_size or max(1, CHUNK_BYTES // (8 * weight.shape[0]))
-    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    dense = isinstance(weight, torch.Tensor)
+    chunk = chunk_size or max(1, CHUNK_BYTES // (8 * (weight.shape[0] if dense else weight.num_embeddings)))
+    grads = torch.is_grad_enabled() and (h.requires_grad or (dense and weight.requires_grad))
     return _LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, grads)
 
 
@@ -54,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, N, chunk)
         )  # fmt: skip
         ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype = getattr(weight, "dtype", None)
         return total / N
 
     @staticmethod
@@ -68,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _chunk(h, weight, y, softcap, acc, N: int, grads: bool, dh, dw) -> torch.Tensor:
     """One chunk of rows, h (c, d), y (c, 1): returns its summed loss; with grads, writes its rows
     of dh (c, d) and adds its share of dw. Its (c, V) tensors are freed when it returns."""
-    s = (h @ weight.T).to(acc)  # (c, V) logits
+    s = _logits(h, weight, acc)  # (c, V)
     slope = None
     if softcap is not None:
         s.div_(softcap).tanh_()  # tanh(z / cap), in place
@@ -89,5 +94,25 @@ def _chunk(h, weight, y, softcap, acc, N: int, grads: bool, dh, dw) -> torch.Ten
             dz = dz.to(h.dtype)
             if dz.dtype != acc and dz.device.type == "cpu":  # torch 2.13's CPU bf16/fp16 mm with K = vocab
                 dz = dz.T.contiguous().T  # runs 12-57x faster with dz column-major (RESULTS.md, float16)
-            dh.copy_(dz @ weight).div_(N)  # (c, d)
+            dh.copy_(_times_weight(dz, weight)).div_(N)  # (c, d)
     return loss
+
+
+def _logits(h, weight, acc) -> torch.Tensor:
+    """h (c, d) @ W.T in acc: (c, V); a packed head a slice of vocabulary rows at a time."""
+    if isinstance(weight, torch.Tensor):
+        return (h @ weight.T).to(acc)
+    s = h.new_empty(h.shape[0], weight.num_embeddings, dtype=acc)
+    for start, w in weight.chunks(h.dtype):
+        s[:, start : start + w.shape[0]] = h @ w.T
+    return s
+
+
+def _times_weight(dz, weight) -> torch.Tensor:
+    """dz (c, V) @ W: (c, d); a packed head a slice of vocabulary rows at a time."""
+    if isinstance(weight, torch.Tensor):
+        return dz @ weight
+    out = dz.new_zeros(dz.shape[0], weight.embedding_dim)
+    for start, w in weight.chunks(dz.dtype):
+        out.addmm_(dz[:, start : start + w.shape[0]], w)
+    return out

@@ -116,3 +116,26 @@ def test_packed_embedding_lookup_and_tied_head_in_chunks(monkeypatch):
     assert all(t.dtype == torch.uint8 for t in logits.grad_fn.next_functions[0][0].saved_tensors)
     (dh,) = torch.autograd.grad((logits * logits).sum(), h)
     torch.testing.assert_close(dh, 2 * (h @ W.T) @ W, rtol=1e-5, atol=1e-1)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_fused_loss_over_the_packed_head_reads_it_in_chunks(monkeypatch, cap):
+    """The loss over a packed head equals the loss over its dequantized weight (loss and dh), never
+    dequantizing more than one chunk of vocabulary rows at a time."""
+    from minilora.loss import linear_cross_entropy
+
+    monkeypatch.setattr(ggml, "HEAD_VALUES", 7 * 64)  # 30 rows: chunks of 7, 7, 7, 7, 2
+    emb = Embedding(torch.from_numpy(random_packed(8, 30, 2, extremes=False)), BlockState(8, (30, 64)))
+    W = emb.dequantize()
+    h = (torch.randn(9, 64) * 0.05).requires_grad_()
+    y = torch.tensor([0, 29, -100, 7, 13, 14, 2, -100, 28])
+    dequantized = []
+    monkeypatch.setattr(BlockState, "dequantize", lambda self, p, dtype=None, out=None: dequantized.append(
+        p.shape[0]) or dequantize(p, 8, dtype or torch.float32))  # fmt: skip
+    got = linear_cross_entropy(h, emb, y, cap, chunk_size=4)  # 7 labelled rows: 4 + 3
+    (dh,) = torch.autograd.grad(got, h)
+    assert max(dequantized) == 7 and sum(dequantized) == 2 * 2 * 30  # logits and dh, per chunk of rows
+    want = linear_cross_entropy(h, W, y, cap, chunk_size=4)
+    (dh_want,) = torch.autograd.grad(want, h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dh, dh_want, rtol=1e-5, atol=1e-5 * float(dh_want.abs().max()))
