@@ -16,9 +16,10 @@ A GGUF weight W (out, in) is stored row by row, each row a whole number of block
 
 Each product and difference is one float32 operation in the order written, as in ggml's
 dequantize_row_* and the `gguf` package's numpy code: bit-exact with gguf.quants.dequantize. One
-cast to the compute dtype comes last. The bit operations run on uint8 tensors, so the same code
-runs on any device. A BlockState plugs these formats into minilora.quant's frozen layer
-(Linear4bit, linear_4bit, LoRA over it); `Embedding` is the tied embedding and output head.
+cast to the compute dtype comes last. The bit operations run on uint8 tensors, on any device; on
+CUDA, BlockState runs the same operations in a Triton kernel (kernels/ggml_dequant.py). A BlockState
+plugs these formats into minilora.quant's frozen layer (Linear4bit, linear_4bit, LoRA over it);
+`Embedding` is the tied embedding and output head.
 """
 
 from __future__ import annotations
@@ -127,7 +128,15 @@ class BlockState(PackedState):
         return BLOCK_TYPES[self.meta["ggml_type"]][0]
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype | None = None, out=None) -> torch.Tensor:
-        w = dequantize(packed, self.meta["ggml_type"], dtype or self.dtype)
+        dtype, ggml_type = dtype or self.dtype, self.meta["ggml_type"]
+        if packed.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from minilora.kernels.ggml_dequant import dequantize_ggml_triton
+
+            _, values, size = BLOCK_TYPES[ggml_type]
+            shape = (*packed.shape[:-1], packed.shape[-1] // size * values)
+            out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
+            return dequantize_ggml_triton(packed.contiguous(), ggml_type, out)
+        w = dequantize(packed, ggml_type, dtype)
         return w if out is None else out.copy_(w)
 
     def rows(self, n: int) -> BlockState:

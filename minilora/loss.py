@@ -35,8 +35,9 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of softcap(h @ weight.T) against targets, over the targets that are not
     -100 (only those rows reach the head). h (..., d), weight (vocab, d) or a frozen packed head
-    (with num_embeddings and chunks(dtype)), targets (...,); float32 (float64 for float64 inputs). chunk_size: rows per chunk (default: from CHUNK_BYTES). No
-    target at all: a zero that still belongs to the graph."""
+    (with num_embeddings and chunks(dtype)), targets (...,); float32 (float64 for float64 inputs).
+    chunk_size: rows per chunk (default: from CHUNK_BYTES). No target at all: a zero that still
+    belongs to the graph."""
     keep = targets != IGNORE_INDEX
     if not keep.any():
         return h.sum() * 0.0

@@ -2,8 +2,12 @@
 bf16 Gemma shapes, and print one JSON list with a report per compiled kernel:
 
     kernel, config, wgmma (tensor-core instructions), async_loads (pipelined copies), addptr and
-    narrow_offsets (pointer offsets that are not int64), shared (bytes), estimate (the pruning's
-    shared-memory estimate), regs, stack and local (bytes of stack frame / local memory: spills).
+    narrow_offsets (pointer offsets that are not int64), fma (fused multiply-adds in the PTX), shared
+    (bytes), estimate (the pruning's shared-memory estimate), regs, stack and local (bytes of stack
+    frame / local memory: spills).
+
+Also the GGUF dequantization kernel (kernels/ggml_dequant.py), once per block format, launched as
+its wrapper launches it (without FMA contraction).
 
 Registers and spills come from the cubin through the cuobjdump that Triton ships. Run by
 tests/test_kernels.py in a subprocess (without TRITON_INTERPRET); exit status 3 means this Triton's
@@ -32,7 +36,10 @@ except ImportError as e:
 
 import minilora.kernels  # noqa: F401
 
+from minilora.ggml import BLOCK_TYPES
+
 L = sys.modules["minilora.kernels.lora_linear"]
+G = sys.modules["minilora.kernels.ggml_dequant"]
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 M, N, K = 4096, 1024, 1152
@@ -99,6 +106,10 @@ def jobs() -> list[tuple]:
             None,
         )
     )
+    for name, values, size in BLOCK_TYPES.values():  # bf16 out, the rows of an (M, K) weight
+        meta = dict(TYPE=name, BYTES=size, VALUES=values, BLOCKS=G.VALUES_PER_PROGRAM // values)
+        args = dict(packed_ptr=U8, out_ptr=BF, n_blocks=M * K // values)
+        out.append(("_dequant_blocks_kernel", args, meta, 4, 3, None))
     return out
 
 
@@ -110,7 +121,7 @@ def fake_bf16_input():
 
 def compile_one(job) -> dict:
     name, args, meta, warps, stages, smem = job
-    fn = getattr(L, name)
+    fn = getattr(L, name, None) or getattr(G, name)
     sig, consts, attrs = {}, dict(meta), {}
     for i, arg in enumerate(fn.arg_names):
         v = args.get(arg, meta.get(arg))
@@ -123,9 +134,10 @@ def compile_one(job) -> dict:
             if isinstance(v, int) and v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
-    k = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
-    )
+    options = dict(num_warps=warps, num_stages=stages)
+    if fn is G._dequant_blocks_kernel:
+        options["enable_fp_fusion"] = False  # as dequantize_ggml_triton launches it
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -140,6 +152,7 @@ def compile_one(job) -> dict:
         kernel=name, config=[warps, stages, {k: v for k, v in meta.items() if k not in META}],
         wgmma=ir.count("warp_group_dot"), async_loads=ir.count("async_copy_global_to_local"),
         addptr=len(offsets), narrow_offsets=[t for t in offsets if not re.search(r"i64>?$", t)],
+        fma=k.asm["ptx"].count("fma.rn"),
         shared=k.metadata.shared, **res,
     )  # fmt: skip
     if smem:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from minilora.kernels.ggml_dequant import dequantize_ggml_triton
 
 import minilora as ml
 from minilora import ggml
@@ -13,6 +14,8 @@ from minilora.ggml import BLOCK_TYPES, DENSE_TYPES, BlockState, Embedding, dequa
 from minilora.quant import Linear4bit, Linear4bitFunction
 
 gguf = pytest.importorskip("gguf")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SCALE_OFFSETS = {8: (0,), 2: (0,), 6: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}  # float16 d, dmin
 
 
@@ -49,6 +52,69 @@ def test_dense_types_as_gguf(ggml_type):
     raw = torch.from_numpy(np.ascontiguousarray(stored).view(np.uint8).reshape(5, -1))
     ref = gguf.quants.dequantize(stored, gguf.GGMLQuantizationType(ggml_type))
     assert np.array_equal(dequantize(raw, ggml_type).numpy(), ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Triton kernel (Triton's interpreter without a GPU) against the PyTorch dequantization
+# ----------------------------------------------------------------------------------------------------
+def triton_bits(packed, ggml_type, dtype):
+    """The kernel's output for `packed` (on the GPU if there is one) as raw bytes, on the CPU."""
+    shape = (*packed.shape[:-1], packed.shape[-1] // BLOCK_TYPES[ggml_type][2] * BLOCK_TYPES[ggml_type][1])
+    out = dequantize_ggml_triton(packed.to(DEV), ggml_type, torch.empty(shape, dtype=dtype, device=DEV))
+    return out.cpu().view(torch.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's float16 inf
+@pytest.mark.parametrize("ggml_type", sorted(BLOCK_TYPES), ids=lambda t: BLOCK_TYPES[t][0])
+def test_triton_dequant_equals_torch_bit_for_bit(ggml_type):
+    # 3 rows of 5 blocks: the last program's blocks run past the end (32 blocks of 32 values or 4 of
+    # 256 per program); extreme scales (float16 0, subnormal, 300: float16 overflows to inf)
+    packed = torch.from_numpy(random_packed(ggml_type, rows=3, blocks_per_row=5))
+    ref = dequantize(packed, ggml_type)  # float32
+    lookup = torch.tensor([[2, 0], [1, 1]])  # leading dims are rows
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the float32 value rounded once
+        assert torch.equal(triton_bits(packed, ggml_type, dtype), ref.to(dtype).view(torch.uint8)), dtype
+        assert torch.equal(
+            triton_bits(packed[lookup], ggml_type, dtype), ref[lookup].to(dtype).view(torch.uint8)
+        )
+
+
+def test_triton_dequant_checks_its_arguments():
+    packed = torch.from_numpy(random_packed(12, rows=2, blocks_per_row=1, extremes=False))  # Q4_K (2, 256)
+    with pytest.raises(ValueError, match=r"contiguous float32/bfloat16/float16 tensor of shape \(2, 256\)"):
+        dequantize_ggml_triton(packed, 12, torch.empty(2, 255))
+    with pytest.raises(ValueError, match=r"shape \(2, 256\) for these Q4_K rows, got torch.float64"):
+        dequantize_ggml_triton(packed, 12, torch.empty(2, 256, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_ggml_triton(packed, 12, torch.empty(256, 2).T)
+    with pytest.raises(
+        ValueError, match=r"rows of whole Q4_K blocks \(144 bytes each\), got torch.uint8 \(2, 100\)"
+    ):
+        dequantize_ggml_triton(packed[:, :100], 12, torch.empty(2, 256))
+    with pytest.raises(ValueError, match="contiguous uint8 rows"):
+        dequantize_ggml_triton(packed.T.contiguous().T, 12, torch.empty(2, 256))
+    with pytest.raises(ValueError, match="ggml_type 0 is not a block format; use one of"):
+        dequantize_ggml_triton(packed, 0, torch.empty(2, 256))
+    assert dequantize_ggml_triton(packed[:0], 12, torch.empty(0, 256)).shape == (0, 256)  # no launch
+
+
+@requires_gpu
+@pytest.mark.parametrize("ggml_type", sorted(BLOCK_TYPES), ids=lambda t: BLOCK_TYPES[t][0])
+def test_block_state_dequantizes_with_the_kernel_on_cuda(ggml_type):
+    layer = packed_linear(ggml_type, out=24, blocks=2)  # (24, 512) or (24, 64)
+    W, x, ids = layer.dequantize(), torch.randn(3, layer.in_features, device="cuda"), torch.tensor([5, 0, 5])
+    layer.cuda()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(layer.dequantize(dtype).cpu(), W.to(dtype))
+        assert torch.equal(
+            layer.quant_state.dequantize(layer.weight[ids.cuda()], dtype).cpu(), W[ids].to(dtype)
+        )
+    # through quant._dense's reused scratch buffer: the same GEMM as over the dequantized W
+    torch.testing.assert_close(layer(x), F.linear(x, W.cuda()), rtol=0, atol=0)
+    layer.to(torch.bfloat16)
+    torch.testing.assert_close(
+        layer(x.bfloat16()), F.linear(x.bfloat16(), W.bfloat16().cuda()), rtol=0, atol=0
+    )
 
 
 def packed_linear(ggml_type=12, out=24, blocks=2, seed=0):
