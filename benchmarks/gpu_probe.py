@@ -135,6 +135,7 @@ class Probe:
     def host_us(self, fn, n=10) -> float:
         """Microseconds of host time per call to enqueue fn's work (the GPU runs behind): when it exceeds
         the GPU's time, eager timings measure the host, not the kernels."""
+        n = 1 if self.args.cpu_smoke else n  # the interpreter: the logic, not a time
         fn()
         if self.dev == "cuda":
             torch.cuda.synchronize()
@@ -330,10 +331,11 @@ def section_profile(pr: Probe):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pr.dev == "cuda" else [])
     for impl, (fn, params) in contenders(x, W, A, B, 2.0, 0.0, IMPLS).items():
         step = fwd_bwd(fn, [x, *params], dy)
-        for _ in range(3):
+        warmup, steps = (1, 1) if pr.args.cpu_smoke else (3, 5)
+        for _ in range(warmup):
             step()
         with profile(activities=acts) as prof:
-            for _ in range(5):
+            for _ in range(steps):
                 step()
             if pr.dev == "cuda":
                 torch.cuda.synchronize()

@@ -601,6 +601,23 @@ def real_gguf():
     return mg.default_gguf()  # assembled once into the cache, shared with the other real-model tests
 
 
+@pytest.fixture(scope="module")
+def real_reader(real_gguf):
+    """The `gguf` package's reader of the real file, parsed once: its Python parse of the 262,144
+    tokens takes ~25 s, and each transformers GGUF loader below would parse the file again."""
+    return gguf.GGUFReader(str(real_gguf))
+
+
+@pytest.fixture
+def transformers_reads_once(monkeypatch, real_gguf, real_reader):
+    """transformers' GGUF loaders (which import gguf.GGUFReader when called) get the parsed reader
+    of the real file: the same reader class and data, parsed once for the module."""
+    parse = gguf.GGUFReader
+    monkeypatch.setattr(
+        gguf, "GGUFReader", lambda path, *a, **k: real_reader if Path(path) == real_gguf else parse(path, *a, **k)
+    )
+
+
 @pytest.mark.slow
 def test_real_config_and_parameter_count(real_dir):
     from safetensors import safe_open
@@ -618,7 +635,8 @@ def test_real_config_and_parameter_count(real_dir):
 
 
 @pytest.mark.slow
-def test_real_tokenizer_matches_transformers_gguf_reader(real_dir, real_gguf):
+@pytest.mark.usefixtures("transformers_reads_once")
+def test_real_tokenizer_matches_transformers_gguf_reader(real_dir, real_gguf, real_reader):
     """Our tokenizer.model vs transformers' own reading of the GGUF's tokenizer (a separate path)."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(real_gguf.parent), gguf_file=real_gguf.name)
@@ -628,9 +646,8 @@ def test_real_tokenizer_matches_transformers_gguf_reader(real_dir, real_gguf):
         assert ids == hf.encode(text), text
         assert tok.decode(ids[1:]) == text
     # every id's piece is the GGUF's token (user-defined whitespace spelled with U+2581)
-    reader = gguf.GGUFReader(str(real_gguf))
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    kinds = reader.fields["tokenizer.ggml.token_type"].contents()
+    tokens = real_reader.fields["tokenizer.ggml.tokens"].contents()
+    kinds = real_reader.fields["tokenizer.ggml.token_type"].contents()
     want = [t.replace(" ", "\u2581") if k == 4 else t for t, k in zip(tokens, kinds, strict=True)]
     assert [tok.id_to_piece(i) for i in range(tok.vocab_size)] == want
     assert tok.end_of_turn_id == 106 and tok.stop_ids == {1, 106}
@@ -648,6 +665,7 @@ def test_real_tokenizer_model_matches_transformers(real_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers_reads_once")
 def test_real_weights_match_transformers_gguf_reader(real_dir, real_gguf):
     """Names, layout and the norm shift vs transformers' GGUF loader, tensor for tensor."""
     torch = pytest.importorskip("torch")
