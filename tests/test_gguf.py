@@ -613,9 +613,8 @@ def transformers_reads_once(monkeypatch, real_gguf, real_reader):
     """transformers' GGUF loaders (which import gguf.GGUFReader when called) get the parsed reader
     of the real file: the same reader class and data, parsed once for the module."""
     parse = gguf.GGUFReader
-    monkeypatch.setattr(
-        gguf, "GGUFReader", lambda path, *a, **k: real_reader if Path(path) == real_gguf else parse(path, *a, **k)
-    )
+    reader = lambda path, *a, **k: real_reader if Path(path) == real_gguf else parse(path, *a, **k)  # noqa: E731
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
 
 
 @pytest.mark.slow
