@@ -32,6 +32,7 @@ setup(
         # Reference oracles: only tests and benchmarks import these, never minilora/ or kernels/.
         "test": [
             "pytest>=7",
+            "pytest-xdist>=3.2",  # the README's `pytest -n 2` (--dist worksteal: pyproject.toml)
             "transformers>=4.50",
             "peft>=0.13",
             "gguf>=0.10",

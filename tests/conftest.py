@@ -9,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker takes one core: two OpenMP
+# teams of 2 threads on 2 cores spin against each other. Subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def _round_to_nearest_even_like_the_gpu() -> bool:
     """Triton's interpreter casts float32 to bfloat16 by truncation; a GPU rounds to nearest even.

