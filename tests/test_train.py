@@ -446,8 +446,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
 
 @pytest.mark.slow
 def test_train_gemma_example_on_the_real_model(tmp_path):
-    """examples/train_gemma.py on the real Gemma 3 270M for 2 steps, on its Q4_K_M GGUF file (kept
-    quantized; the default is the float32 folder of the same weights): metrics.jsonl, the before/after
+    """examples/train_gemma.py on the real Gemma 3 270M for 2 steps, by default on its Q4_K_M GGUF file
+    (kept quantized): metrics.jsonl, the before/after
     lines, an adapter that peft loads onto the transformers model (read from the float32 folder) with
     minilora's logits, and adapter.gguf for llama.cpp with the command that serves it."""
     pytest.importorskip("peft")
@@ -466,8 +466,6 @@ def test_train_gemma_example_on_the_real_model(tmp_path):
         "2",
         "--batch-size",
         "4",
-        "--model",
-        "gguf",
     ]
     # a packed model dequantizes every weight per forward: 8 held-out examples, not the bundled 60
     eval_data = tmp_path / "eval.jsonl"

@@ -280,3 +280,29 @@ def test_a_crafted_pickle_in_a_run_folder_is_never_run_by_the_command_line(setup
     with pytest.raises(SystemExit, match=r"older minilora, in pickle files .* unpickling can run code"):
         cli.main(["--out", str(run), "--resume"])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [([], "q4.gguf"), (["--model", "gguf"], "q4.gguf"), (["--model", "folder"], "float32"),
+     (["--quantize", "nf4"], "float32"), (["--model", "gguf", "--quantize", "nf4"], "q4.gguf")],
+)  # fmt: skip
+def test_the_default_model_is_the_gguf_file_and_its_folder_for_4_bit(tmp_path, monkeypatch, flags, want):
+    """No --model: the Q4_K_M file llama.cpp runs (issue 13); --model folder or --quantize (which
+    quantizes float weights): the float32 folder converted from it. (An explicit .gguf with
+    --quantize is refused by from_pretrained, tests/test_gguf.py.)"""
+    import minilora.gguf as mg
+
+    monkeypatch.setattr(mg, "default_gguf", lambda: tmp_path / "q4.gguf")
+    monkeypatch.setattr(mg, "default_model_dir", lambda: tmp_path / "float32")
+
+    class Loaded(Exception):
+        pass
+
+    def tokenizer(path):
+        raise Loaded(path)
+
+    monkeypatch.setattr(cli, "Tokenizer", tokenizer)
+    with pytest.raises(Loaded) as e:
+        cli.load(cli.parse_args([*flags, "--out", str(tmp_path / "run")]), torch.float32, "cpu", print)
+    assert Path(str(e.value)).name == want
