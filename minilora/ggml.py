@@ -68,19 +68,21 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
+# The legacy types in place on one float32 tensor (a third fewer passes over it than out of place):
+# q - 8 is exact in float32, and d * q rounds once either way.
 def _q8_0(b):
-    return b[:, 2:].view(torch.int8).float() * _f16(b[:, :2])
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b[:, :2]))
 
 
 def _q4_0(b):
-    q = _bits(b[:, 2:], (0, 4), 15).flatten(1)  # (n, 32)
-    return _f16(b[:, :2]) * (q.to(torch.int8) - 8).float()
+    q = _bits(b[:, 2:], (0, 4), 15).flatten(1)  # (n, 32) in 0..15
+    return q.float().sub_(8.0).mul_(_f16(b[:, :2]))
 
 
 def _q5_0(b):
     high = _spread_bits(b[:, 2:6].contiguous().view(torch.int32))  # bit i of the 32-bit qh
-    q = _bits(b[:, 6:], (0, 4), 15).flatten(1) | (high << 4)
-    return _f16(b[:, :2]) * (q.to(torch.int8) - 16).float()
+    q = _bits(b[:, 6:], (0, 4), 15).flatten(1) | (high << 4)  # (n, 32) in 0..31
+    return q.float().sub_(16.0).mul_(_f16(b[:, :2]))
 
 
 def _q4_k(b, high=None):
