@@ -110,10 +110,12 @@ def _logits(h, weight, acc) -> torch.Tensor:
 
 
 def _times_weight(dz, weight) -> torch.Tensor:
-    """dz (c, V) @ W: (c, d); a packed head a slice of vocabulary rows at a time."""
+    """dz (c, V) @ W: (c, d); a packed head a slice of vocabulary rows at a time, the slices'
+    products summed in float32 at least (bf16 partial sums would round once per slice)."""
     if isinstance(weight, torch.Tensor):
         return dz @ weight
-    out = dz.new_zeros(dz.shape[0], weight.embedding_dim)
+    acc = torch.promote_types(dz.dtype, torch.float32)
+    out = dz.new_zeros(dz.shape[0], weight.embedding_dim, dtype=acc)
     for start, w in weight.chunks(dz.dtype):
-        out.addmm_(dz[:, start : start + w.shape[0]], w)
+        out += dz[:, start : start + w.shape[0]] @ w
     return out

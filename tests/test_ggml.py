@@ -184,16 +184,18 @@ def test_packed_embedding_lookup_and_tied_head_in_chunks(monkeypatch):
     torch.testing.assert_close(dh, 2 * (h @ W.T) @ W, rtol=1e-5, atol=1e-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cap", [None, 30.0])
-def test_fused_loss_over_the_packed_head_reads_it_in_chunks(monkeypatch, cap):
+def test_fused_loss_over_the_packed_head_reads_it_in_chunks(monkeypatch, cap, dtype):
     """The loss over a packed head equals the loss over its dequantized weight (loss and dh), never
-    dequantizing more than one chunk of vocabulary rows at a time."""
+    dequantizing more than one chunk of vocabulary rows at a time. bfloat16: the compute dtype of the
+    products; the loss and dh are float32 (dh: the chunks' products summed in float32)."""
     from minilora.loss import linear_cross_entropy
 
     monkeypatch.setattr(ggml, "HEAD_VALUES", 7 * 64)  # 30 rows: chunks of 7, 7, 7, 7, 2
     emb = Embedding(torch.from_numpy(random_packed(8, 30, 2, extremes=False)), BlockState(8, (30, 64)))
-    W = emb.dequantize()
-    h = (torch.randn(9, 64) * 0.05).requires_grad_()
+    W = emb.dequantize(dtype)
+    h = (torch.randn(9, 64) * 0.05).to(dtype).requires_grad_()
     y = torch.tensor([0, 29, -100, 7, 13, 14, 2, -100, 28])
     dequantized = []
     monkeypatch.setattr(BlockState, "dequantize", lambda self, p, dtype=None, out=None: dequantized.append(
@@ -203,5 +205,6 @@ def test_fused_loss_over_the_packed_head_reads_it_in_chunks(monkeypatch, cap):
     assert max(dequantized) == 7 and sum(dequantized) == 2 * 2 * 30  # logits and dh, per chunk of rows
     want = linear_cross_entropy(h, W, y, cap, chunk_size=4)
     (dh_want,) = torch.autograd.grad(want, h)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: dh's products rounded per chunk vs once
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(dh, dh_want, rtol=1e-5, atol=1e-5 * float(dh_want.abs().max()))
+    torch.testing.assert_close(dh, dh_want, rtol=rtol, atol=rtol * float(dh_want.abs().max()))
