@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_linear import _device_guard
+
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -79,12 +81,13 @@ def dequantize_4bit_triton(packed: torch.Tensor, state, out: torch.Tensor, block
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed must be uint8 with {(n + 1) // 2} bytes for a {tuple(state.shape)} weight")
     nested, absmax, meta = state.nested, state.absmax, state.meta
-    _dequant_4bit_kernel[(triton.cdiv(n, block),)](
-        packed, absmax, state.quant_map,
-        state.nested_absmax if nested else absmax, state.nested_quant_map if nested else state.quant_map,
-        out, n, meta.get("nested_offset", 0.0),
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=meta.get("nested_blocksize", 1),
-        NESTED=nested, BLOCK=block,
-        enable_fp_fusion=False,
-    )  # fmt: skip
+    with _device_guard(packed):  # Triton launches on the current device, not the tensor's
+        _dequant_4bit_kernel[(triton.cdiv(n, block),)](
+            packed, absmax, state.quant_map,
+            state.nested_absmax if nested else absmax, state.nested_quant_map if nested else state.quant_map,
+            out, n, meta.get("nested_offset", 0.0),
+            BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=meta.get("nested_blocksize", 1),
+            NESTED=nested, BLOCK=block,
+            enable_fp_fusion=False,
+        )  # fmt: skip
     return out

@@ -31,6 +31,8 @@ import triton.language as tl
 
 from minilora.ggml import BLOCK_TYPES
 
+from .lora_linear import _device_guard
+
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALUES_PER_PROGRAM = 1024  # BLOCKS = 32 blocks of 32 values or 4 of 256
 
@@ -141,7 +143,15 @@ def dequantize_ggml_triton(packed: torch.Tensor, ggml_type: int, out: torch.Tens
         )
     n_blocks, blocks = packed.numel() // size, VALUES_PER_PROGRAM // values
     if n_blocks:
-        _dequant_blocks_kernel[(triton.cdiv(n_blocks, blocks),)](
-            packed, out, n_blocks, TYPE=name, BYTES=size, VALUES=values, BLOCKS=blocks, enable_fp_fusion=False
-        )
+        with _device_guard(packed):  # Triton launches on the current device, not the tensor's
+            _dequant_blocks_kernel[(triton.cdiv(n_blocks, blocks),)](
+                packed,
+                out,
+                n_blocks,
+                TYPE=name,
+                BYTES=size,
+                VALUES=values,
+                BLOCKS=blocks,
+                enable_fp_fusion=False,
+            )
     return out
