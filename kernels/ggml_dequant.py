@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.ggml import BLOCK_TYPES
+from minilora.ggml import BLOCK_TYPES, values_shape
 
 from .lora_linear import _device_guard
 
@@ -135,7 +135,7 @@ def dequantize_ggml_triton(packed: torch.Tensor, ggml_type: int, out: torch.Tens
             f"packed must be contiguous uint8 rows of whole {name} blocks ({size} bytes each), "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
-    shape = (*packed.shape[:-1], packed.shape[-1] // size * values)
+    shape = values_shape(packed.shape, ggml_type)
     if out.shape != shape or not out.is_contiguous() or out.dtype not in OUT_DTYPES:
         raise ValueError(
             f"out must be a contiguous float32/bfloat16/float16 tensor of shape {shape} for these {name} "

@@ -110,13 +110,19 @@ def _q6_k(b):
 _DEQUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
+def values_shape(packed_shape, ggml_type: int) -> tuple[int, ...]:
+    """(..., bytes per row) of packed rows of a block type -> (..., values per row)."""
+    _, values, size = BLOCK_TYPES[ggml_type]
+    return (*packed_shape[:-1], packed_shape[-1] // size * values)
+
+
 def dequantize(packed: torch.Tensor, ggml_type: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows of a GGUF tensor: packed (..., bytes per row) uint8 -> (..., values per row) in dtype."""
     if ggml_type in DENSE_TYPES:
         return packed.view(DENSE_TYPES[ggml_type][1]).to(dtype)
-    name, values, size = BLOCK_TYPES[ggml_type]
+    name, _, size = BLOCK_TYPES[ggml_type]
     w = _DEQUANTIZE[name](packed.reshape(-1, size))  # (blocks, values) float32
-    return w.view(*packed.shape[:-1], packed.shape[-1] // size * values).to(dtype)
+    return w.view(values_shape(packed.shape, ggml_type)).to(dtype)
 
 
 class BlockState(PackedState):
@@ -134,8 +140,7 @@ class BlockState(PackedState):
         if packed.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16):
             from minilora.kernels.ggml_dequant import dequantize_ggml_triton
 
-            _, values, size = BLOCK_TYPES[ggml_type]
-            shape = (*packed.shape[:-1], packed.shape[-1] // size * values)
+            shape = values_shape(packed.shape, ggml_type)
             out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
             return dequantize_ggml_triton(packed.contiguous(), ggml_type, out)
         w = dequantize(packed, ggml_type, dtype)
@@ -166,18 +171,19 @@ class Embedding(nn.Module):
         """Rows start:stop of W (all by default) in `dtype` (default: the model's)."""
         return self.quant_state.dequantize(self.weight[start:stop], dtype)
 
-    def _row_chunks(self) -> list[torch.Tensor]:
+    def _chunk_starts(self) -> tuple[range, int]:
+        """(the first row of each chunk of about HEAD_VALUES values, rows per chunk)."""
         rows = max(1, HEAD_VALUES // self.embedding_dim)
-        return [self.weight[i : i + rows] for i in range(0, self.num_embeddings, rows)]
+        return range(0, self.num_embeddings, rows), rows
 
     def chunks(self, dtype: torch.dtype):
         """(first row, those rows of W in dtype), chunk by chunk: the fused loss's head."""
-        start = 0
-        for c in self._row_chunks():
-            yield start, self.quant_state.dequantize(c, dtype)
-            start += c.shape[0]
+        starts, rows = self._chunk_starts()
+        for start in starts:
+            yield start, self.dequantize(dtype, start, start + rows)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., d) @ W.T -> (..., vocab) in h's dtype, W dequantized chunk by chunk."""
-        chunks = self._row_chunks()
+        starts, rows = self._chunk_starts()
+        chunks = [self.weight[i : i + rows] for i in starts]
         return torch.cat([linear_4bit(h, c, self.quant_state.rows(c.shape[0])) for c in chunks], -1)
