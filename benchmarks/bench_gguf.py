@@ -15,12 +15,7 @@ import multiprocessing as mp
 import statistics
 import time
 
-from bench_train_step import batch, vm_hwm_mb
-
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
+from bench_train_step import batch, vm_hwm_mb, vm_rss_mb
 
 
 def child(side: str, threads: int | None, conn) -> None:

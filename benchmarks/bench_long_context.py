@@ -24,7 +24,7 @@ import os
 import resource
 import time
 
-from bench_train_step import vm_hwm_mb
+from bench_train_step import vm_hwm_mb, vm_rss_mb
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -32,11 +32,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def meminfo_gb(field: str = "MemAvailable") -> float:
     with open("/proc/meminfo") as f:
         return int(next(x for x in f if x.startswith(field + ":")).split()[1]) / 2**20
-
-
-def vm_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def load(side: str, path: str):

@@ -53,10 +53,19 @@ def batch():
     return input_ids, labels
 
 
-def vm_hwm_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM: the peak resident memory, VmRSS: now) in MB."""
     with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
+        line = next(x for x in f if x.startswith(field + ":"))
     return int(line.split()[1]) / 1024
+
+
+def vm_hwm_mb() -> float:
+    return status_mb("VmHWM")
+
+
+def vm_rss_mb() -> float:
+    return status_mb("VmRSS")
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -32,13 +32,7 @@ KINDS = ["gemma1-mqa", "gemma2", "gemma3"]  # gemma2: soft-capped attention and 
 MASSIVE = 2  # the token (<bos>) that carries a massive activation, as the real models' first token does
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on 2 shared cores: OpenMP's thread team costs more than it gives (as test_train.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(kind: str) -> gemma.Gemma:
