@@ -1,11 +1,15 @@
 """Greedy decoding speed on the real Gemma 3 270M (float32, CPU): minilora vs transformers.
 
-    python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 3] [--model DIR]
+    python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 3] [--model DIR] [--gguf]
 
 Both load the same converted folder (minilora.gguf.default_model_dir()) in float32 and decode
 greedily with their KV cache, exactly --new-tokens tokens each (no stop token), prefill included.
-Runs alternate between the two so a noisy machine slows both alike; the median is reported. The
+Runs alternate between the sides so a noisy machine slows all alike; the median is reported. The
 generated token ids must agree, or the comparison would be between different work.
+
+--gguf adds minilora on the Q4_K_M file the folder was converted from, kept packed: once as
+generate_ids runs it (every weight dequantized once per call: quant.keep_dequantized), once with
+no budget to keep anything (every weight dequantized once per token, as in a training step).
 """
 
 import argparse
@@ -25,6 +29,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gguf", action="store_true", help="also minilora on the packed GGUF file")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -53,11 +58,24 @@ def main() -> None:
             )
         return out[0, len(prompt_ids) :].tolist()
 
+    sides = {"minilora": run_ours, "transformers": run_theirs}
+    if args.gguf:
+        from minilora.gguf import default_gguf
+
+        packed = minilora.gguf.load_model(default_gguf(), dtype=torch.float32)
+
+        def run_packed(budget=None):
+            with minilora.quant.keep_dequantized(budget):  # generate_ids' own block joins this one
+                return generate_ids(packed, prompt_ids, max_new_tokens=n)
+
+        sides.update({"gguf kept": run_packed, "gguf per token": lambda: run_packed(0)})
     a, b = run_ours(), run_theirs()  # warm-up, and the check that both do the same work
     agree = sum(x == y for x, y in zip(a, b, strict=True))
-    times = {"minilora": [], "transformers": []}
+    for name in ("gguf kept", "gguf per token") if args.gguf else ():
+        print(f"{name}: greedy tokens agree with the folder's: {sum(map(int.__eq__, sides[name](), a))}/{n}")
+    times = {name: [] for name in sides}
     for _ in range(args.repeats):
-        for name, fn in (("minilora", run_ours), ("transformers", run_theirs)):
+        for name, fn in sides.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -67,8 +85,10 @@ def main() -> None:
     )
     print(f"greedy tokens agree: {agree}/{n}; continuation: {tok.decode(a)!r}")
     for k, v in times.items():
-        print(f"{k:>13}: {rate[k]:6.1f} tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in v)})")
+        print(f"{k:>14}: {rate[k]:6.1f} tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in v)})")
     print(f"minilora / transformers: {rate['minilora'] / rate['transformers']:.2f}x")
+    if args.gguf:
+        print(f"gguf kept / gguf per token: {rate['gguf kept'] / rate['gguf per token']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from minilora.atomic import write_files
 from minilora.checkpoint import from_pretrained, read_json, resolve_dtype
 from minilora.cpu import auto_dtype_reason
 from minilora.data import FORMATS, load_dataset, load_split, prompt_and_target, template_fields
-from minilora.quant import QUANT_TYPES
+from minilora.quant import QUANT_TYPES, keep_dequantized
 from minilora.tokenizer import Tokenizer
 from minilora.train import (
     LOCK,
@@ -257,15 +257,13 @@ def exact_match(model, tok, data, n, max_new_tokens, batch=32):
     for i, x in enumerate(ids):
         by_len.setdefault(len(x), []).append(i)
     texts = [""] * len(pairs)
-    for group in by_len.values():
-        for k in range(0, len(group), batch):
-            chunk = group[k : k + batch]
-            for i, new in zip(
-                chunk,
-                greedy_batch(model, [ids[i] for i in chunk], max_new_tokens, set(tok.stop_ids)),
-                strict=True,
-            ):
-                texts[i] = tok.decode(new)
+    with keep_dequantized():  # a packed base (GGUF, NF4) is dequantized once, not once per token
+        for group in by_len.values():
+            for k in range(0, len(group), batch):
+                chunk = group[k : k + batch]
+                new = greedy_batch(model, [ids[i] for i in chunk], max_new_tokens, set(tok.stop_ids))
+                for i, ids_new in zip(chunk, new, strict=True):
+                    texts[i] = tok.decode(ids_new)
     model.train(was_training)
     hits = sum(text.strip() == target.strip() for text, (_, target) in zip(texts, pairs, strict=True))
     return hits / max(1, len(pairs)), (pairs[0][0], texts[0], pairs[0][1])

@@ -171,6 +171,21 @@ def test_generation_runs_in_eval_mode_and_restores_training(checkpoints):
     assert a == generate_ids(model, PROMPT, max_new_tokens=8)  # dropout was off
 
 
+def test_a_packed_base_is_dequantized_once_per_generation(checkpoints, monkeypatch):
+    """generate_ids keeps the dequantized weights of a 4-bit (or GGUF) base for the whole call: as
+    many dequantizations for 12 new tokens as for 2, one per layer, and the same tokens as without."""
+    model = gemma.from_pretrained(checkpoints["gemma3"][1], quantize="nf4")
+    layers = sum(isinstance(m, ml.quant.Linear4bit) for m in model.modules())
+    want = generate_ids(model, PROMPT, max_new_tokens=12)
+    calls, dequantize = [], ml.quant.QuantState.dequantize
+    monkeypatch.setattr(
+        ml.quant.QuantState, "dequantize", lambda *a, **k: calls.append(1) or dequantize(*a, **k)
+    )
+    for n in (2, 12):
+        calls.clear()
+        assert generate_ids(model, PROMPT, max_new_tokens=n) == want[:n] and len(calls) == layers > 0
+
+
 def test_command_line(checkpoints, tmp_path, monkeypatch, capsys):
     path = checkpoints["gemma2"][1]
     tok = StubTokenizer(stop_ids=())

@@ -184,6 +184,32 @@ def test_packed_embedding_lookup_and_tied_head_in_chunks(monkeypatch):
     torch.testing.assert_close(dh, 2 * (h @ W.T) @ W, rtol=1e-5, atol=1e-1)
 
 
+def test_keep_dequantized_reuses_each_weight_within_its_budget(monkeypatch):
+    """Inside keep_dequantized a packed layer and each chunk of a packed head are dequantized once,
+    while the budget lasts (past it: per call, as outside); the outputs are the same."""
+    monkeypatch.setattr(ggml, "HEAD_VALUES", 7 * 64)  # 30 rows: chunks of 7, 7, 7, 7, 2
+    layer = packed_linear(ggml_type=14)  # (24, 512)
+    emb = Embedding(torch.from_numpy(random_packed(8, 30, 2, extremes=False)), BlockState(8, (30, 64)))
+    x, h = torch.randn(3, 512), torch.randn(2, 64)
+    want = layer(x), emb.head(h)
+    calls, dequantize = [], BlockState.dequantize
+
+    def counted(self, packed, *args, **kwargs):
+        calls.append(packed.shape[0])
+        return dequantize(self, packed, *args, **kwargs)
+
+    monkeypatch.setattr(BlockState, "dequantize", counted)
+    for budget, kept in ((None, 24 + 30), (4 * (24 * 512 + 7 * 64), 24 + 7)):  # all; the layer + 1 chunk
+        calls.clear()
+        with ml.quant.keep_dequantized(budget):
+            for _ in range(3):
+                assert torch.equal(layer(x), want[0]) and torch.equal(emb.head(h), want[1])
+        assert sum(calls) == kept + 3 * (24 + 30 - kept)  # kept: once; the rest: on each of 3 calls
+    calls.clear()
+    layer(x)
+    assert calls == [24]  # after the block: nothing kept
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cap", [None, 30.0])
 def test_fused_loss_over_the_packed_head_reads_it_in_chunks(monkeypatch, cap, dtype):

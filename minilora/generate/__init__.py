@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from minilora.quant import QUANT_TYPES
+from minilora.quant import QUANT_TYPES, keep_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def generate_ids(
     was_training = model.training
     model.eval()  # no dropout while generating
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), keep_dequantized():  # a packed base: dequantized once, not per token
             cache = model.new_cache()
             step_input = torch.tensor([list(prompt_ids)], device=device)  # (1, T): the prefill
             new: list[int] = []
