@@ -324,7 +324,8 @@ def test_labels_path_gradient_equals_full_logits_path(tmp_path):
 
 def test_compiled_norms_give_the_eager_loss_and_gradients(tmp_path):
     """compile_norms (inductor's fused RMSNorm) against eager, float32: the same loss and LoRA
-    gradients up to the order of the fused reductions (measured: ~1e-7 relative)."""
+    gradients up to the order of the fused reductions (measured: ~1e-6 of each gradient's largest
+    value, 3e-8 at 3e-2; elementwise near-zero entries differ by more than 1e-5 of themselves)."""
     _, path = checkpoint(tmp_path, "gemma3")
     model = lora_model(path)
     ids = ids_for(T=11)
@@ -339,11 +340,13 @@ def test_compiled_norms_give_the_eager_loss_and_gradients(tmp_path):
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
     for name, grad in lora_grads(model).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 class HeadRows(TorchDispatchMode):
-    """Records the rows of every matrix product whose output is vocabulary-wide: the output head's."""
+    """Records the rows of every matrix product whose output is vocabulary-wide: the output head's
+    (rows, vocab), or (vocab, rows) where the CPU's fused loss computes (W h^T)^T."""
 
     def __init__(self):
         super().__init__()
@@ -352,8 +355,8 @@ class HeadRows(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         aten = torch.ops.aten
-        if func.overloadpacket in (aten.mm, aten.addmm, aten.bmm, aten.matmul) and out.shape[-1] == VOCAB:
-            self.rows.append(out.shape[:-1].numel())
+        if func.overloadpacket in (aten.mm, aten.addmm, aten.bmm, aten.matmul) and VOCAB in out.shape[-2:]:
+            self.rows.append(out.numel() // VOCAB)
         return out
 
 
