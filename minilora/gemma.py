@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minilora.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: public here too)
+from minilora.loss import IGNORE_INDEX, head_product, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: public here too)
 
 ATTN_BLOCK = 512  # queries per block where attention needs a mask (it sees only the keys it can see)
 
@@ -381,7 +381,10 @@ class Gemma(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""
         emb = self.model.embed_tokens  # an nn.Embedding, or a packed GGUF one (dequantized per chunk)
-        logits = (F.linear(h, emb.weight) if isinstance(emb, nn.Embedding) else emb.head(h)).float()
+        logits = (
+            head_product(h, emb.weight, contiguous=True) if isinstance(emb, nn.Embedding) else emb.head(h)
+        )
+        logits = logits.float()
         return softcap(logits, self.config.final_logit_softcapping)
 
 

@@ -59,6 +59,19 @@ def test_float32_loss_dh_dw_equal_the_unfused_loss(cap, chunk):
     close(dw, dw_ref)
 
 
+@pytest.mark.parametrize("shape", [(64,), (1, 1, 64), (2, 3, 64), (300, 64), (2, 200, 64)])
+def test_head_product_is_the_linear_product_in_either_layout(shape):
+    """The head's product, (W h^T)^T on the CPU: h @ W.T to float32 rounding in the output's shape;
+    contiguous=True returns row-major logits (also past 256 rows, where it is h @ W.T itself)."""
+    W, h = torch.randn(1000, 64), torch.randn(*shape)
+    want = F.linear(h, W)
+    for contiguous in (False, True):
+        got = loss_mod.head_product(h, W, contiguous)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.shape == want.shape and (got.is_contiguous() or not contiguous)
+    assert not loss_mod.head_product(torch.randn(8, 64), W).is_contiguous()  # column-major: (W h^T)^T
+
+
 def test_without_a_label_a_zero_that_backpropagates():
     h, weight, _ = inputs(torch.float32)
     loss = linear_cross_entropy(h, weight, torch.full((11,), -100))
