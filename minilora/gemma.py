@@ -381,11 +381,11 @@ class Gemma(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output head: h @ embed_tokens.weight.T, soft-capped, float32. h: (..., d)."""
         emb = self.model.embed_tokens  # an nn.Embedding, or a packed GGUF one (dequantized per chunk)
-        logits = (
-            head_product(h, emb.weight, contiguous=True) if isinstance(emb, nn.Embedding) else emb.head(h)
-        )
-        logits = logits.float()
-        return softcap(logits, self.config.final_logit_softcapping)
+        if isinstance(emb, nn.Embedding):
+            logits = head_product(h, emb.weight, contiguous=True)
+        else:
+            logits = emb.head(h)
+        return softcap(logits.float(), self.config.final_logit_softcapping)
 
 
 def compile_norms(model: nn.Module) -> int:
