@@ -25,6 +25,7 @@ for backward; on CUDA a Triton kernel (kernels/dequant.py) fills a buffer that e
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -351,7 +352,7 @@ class _Kept:
         return self.weights[key][1]
 
 
-_kept: _Kept | None = None
+_kept: contextvars.ContextVar[_Kept | None] = contextvars.ContextVar("minilora_kept", default=None)
 
 
 @contextlib.contextmanager
@@ -360,22 +361,21 @@ def keep_dequantized(max_bytes: int | None = None):
     up to max_bytes (default KEEP_BYTES) of W in all; weights past the budget are dequantized per
     call, as outside. For decoding, which reads every weight once per token: the real 270M decodes
     3.3x faster from its Q4_K_M file (RESULTS.md). Frozen weights only: nothing checks whether they
-    change inside the block."""
-    global _kept
-    outer = _kept
-    _kept = outer or _Kept(KEEP_BYTES if max_bytes is None else max_bytes)  # nested: the outer one
+    change inside the block. Per thread (a context variable); a nested block shares the outer one."""
+    outer = _kept.get()
+    token = _kept.set(outer or _Kept(KEEP_BYTES if max_bytes is None else max_bytes))
     try:
         yield
     finally:
-        _kept = outer
+        _kept.reset(token)
 
 
 def _dense(packed: torch.Tensor, state: PackedState, dtype: torch.dtype) -> torch.Tensor:
     """W for one GEMM. Inside keep_dequantized, the kept W while the budget lasts. On CUDA in a flat
     buffer that every layer reuses (per device, stream, dtype): the next layer's dequantization
     overwrites it only after this GEMM, queued on the same stream."""
-    if _kept is not None:
-        return _kept.get(packed, state, dtype)
+    if (kept := _kept.get()) is not None:
+        return kept.get(packed, state, dtype)
     if not packed.is_cuda or dtype not in _DTYPES.values():
         return state.dequantize(packed, dtype)
     key, n = (packed.device, torch.cuda.current_stream(packed.device).cuda_stream, dtype), state.shape.numel()

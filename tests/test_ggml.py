@@ -2,6 +2,8 @@
 package (llama.cpp's own numpy reference), and the frozen layers built on them (Linear4bit with a
 BlockState, the packed embedding and tied head, LoRA over them) against dense PyTorch."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,13 @@ def test_keep_dequantized_reuses_each_weight_within_its_budget(monkeypatch):
     calls.clear()
     layer(x)
     assert calls == [24]  # after the block: nothing kept
+    with ml.quant.keep_dequantized():  # per thread: another thread's calls keep nothing
+        layer(x)
+        worker = threading.Thread(target=layer, args=(x,))
+        worker.start()
+        worker.join()
+        layer(x)
+    assert calls == [24, 24, 24]  # this thread's block once, the other thread once
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
