@@ -5,8 +5,8 @@ the bundled task in examples/data/ (ISO date -> "the 10th of February, 1987"; se
 float32 compute on CPU, on the very weights llama.cpp serves: its Q4_K_M GGUF file
 (minilora.gguf.default_gguf()), read as it is and dequantized layer by layer, and writes adapter.gguf
 for llama.cpp. --model folder takes the float32 folder converted once from that file instead
-(minilora.gguf.default_model_dir(); ~1.2x faster a step on a CPU, decoding faster still, 1.4x the
-memory: benchmarks/RESULTS.md), as --quantize does (it quantizes float weights).
+(minilora.gguf.default_model_dir(); ~1.2x faster a step on a CPU, decoding ~1.2x, 1.1x the run's
+peak memory: benchmarks/RESULTS.md), as --quantize does (it quantizes float weights).
 
     python examples/train_gemma.py
     python examples/train_gemma.py --data my.jsonl --eval-data my_eval.jsonl --steps 200 --out runs/mine
