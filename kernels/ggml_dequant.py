@@ -31,9 +31,9 @@ import triton.language as tl
 
 from minilora.ggml import BLOCK_TYPES, values_shape
 
+from .dequant import OUT_DTYPES
 from .lora_linear import _device_guard
 
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALUES_PER_PROGRAM = 1024  # BLOCKS = 32 blocks of 32 values or 4 of 256
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minilora.quant import PackedState, linear_4bit
+from minilora.quant import _DTYPES, PackedState, linear_4bit
 
 # GGML type number -> (name, values per block, bytes per block): the packed formats minilora reads.
 BLOCK_TYPES = {8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 6: ("Q5_0", 32, 22), 12: ("Q4_K", 256, 144),
@@ -137,7 +137,7 @@ class BlockState(PackedState):
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype | None = None, out=None) -> torch.Tensor:
         dtype, ggml_type = dtype or self.dtype, self.meta["ggml_type"]
-        if packed.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if packed.is_cuda and dtype in _DTYPES.values():  # the dtypes the kernel writes, as QuantState
             from minilora.kernels.ggml_dequant import dequantize_ggml_triton
 
             shape = values_shape(packed.shape, ggml_type)

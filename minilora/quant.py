@@ -346,9 +346,10 @@ class _Kept:
         key = (packed.data_ptr(), packed.shape, packed.device, dtype)
         if key not in self.weights:
             w = state.dequantize(packed, dtype)
-            if w.numel() * w.element_size() > self.left:
+            size = w.numel() * w.element_size()
+            if size > self.left:
                 return w
-            self.weights[key], self.left = (packed, w), self.left - w.numel() * w.element_size()
+            self.weights[key], self.left = (packed, w), self.left - size
         return self.weights[key][1]
 
 

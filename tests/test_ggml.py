@@ -61,8 +61,8 @@ def test_dense_types_as_gguf(ggml_type):
 # ----------------------------------------------------------------------------------------------------
 def triton_bits(packed, ggml_type, dtype):
     """The kernel's output for `packed` (on the GPU if there is one) as raw bytes, on the CPU."""
-    shape = (*packed.shape[:-1], packed.shape[-1] // BLOCK_TYPES[ggml_type][2] * BLOCK_TYPES[ggml_type][1])
-    out = dequantize_ggml_triton(packed.to(DEV), ggml_type, torch.empty(shape, dtype=dtype, device=DEV))
+    out = torch.empty(ggml.values_shape(packed.shape, ggml_type), dtype=dtype, device=DEV)
+    out = dequantize_ggml_triton(packed.to(DEV), ggml_type, out)
     return out.cpu().view(torch.uint8)
 
 
